@@ -237,7 +237,7 @@ def parse_mac(value: Any, path: str) -> str:
     text = _str(value, path)
     parts = text.split(":")
     try:
-        octets = [int(p, 16) for p in parts if len(p) == 2]
+        octets = [int(p, 16) for p in parts if len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p)]
     except ValueError:
         octets = []
     if len(parts) != 6 or len(octets) != 6:
@@ -294,7 +294,7 @@ def _parse_bridge_options(options: Mapping[str, str], path: str) -> BridgeOption
     mtu = 0
     if "mtu" in options:
         text = options["mtu"]
-        if not text.isdigit() or not 0 <= int(text) <= 65535:
+        if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 65535:
             raise _fail(f"{path}.mtu", f"unable to parse mtu {text!r}: expected an integer 0..65535")
         mtu = int(text)
         if 0 < mtu < 68:
@@ -302,8 +302,9 @@ def _parse_bridge_options(options: Mapping[str, str], path: str) -> BridgeOption
     metric = DEFAULT_METRIC
     if "metric" in options:
         text = options["metric"]
-        if not text.isdigit() or int(text) > 0xFFFFFFFF:
-            raise _fail(f"{path}.metric", f"unable to parse metric {text!r}: expected an integer 0..4294967295")
+        if not (text.isascii() and text.isdigit()) or int(text) > 0xFFFFFFFF:
+            raise _fail(f"{path}.metric",
+                        f"unable to parse metric {text!r}: expected an integer 0..4294967295")
         metric = int(text)
     no_default_route = False
     if "no_default_route" in options:
@@ -478,10 +479,8 @@ class NetAddress:
     gateway: IPAddress | None
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"ipnet": str(self.ipnet)}
-        if self.gateway is not None:
-            out["gateway"] = str(self.gateway)
-        return out
+        # serde prints every field in declaration order; a missing gateway is `null`
+        return {"gateway": None if self.gateway is None else str(self.gateway), "ipnet": str(self.ipnet)}
 
 
 @dataclass(frozen=True)
@@ -490,10 +489,8 @@ class NetInterface:
     subnets: tuple[NetAddress, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mac_address": self.mac_address}
-        if self.subnets:
-            out["subnets"] = [s.to_json() for s in self.subnets]
-        return out
+        # netavark's bridge always fills `subnets` (`[]` with ipam driver none)
+        return {"mac_address": self.mac_address, "subnets": [s.to_json() for s in self.subnets]}
 
 
 @dataclass(frozen=True)
