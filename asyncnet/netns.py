@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
-import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +25,7 @@ from .errors import NamespaceError, io_error_text
 CLONE_NEWNET = 0x40000000
 MS_BIND = 4096
 MNT_DETACH = 2
-NSFS_MAGIC = 0x6E736673
+NS_GET_NSTYPE = 0xB703
 NETNS_RUN_DIR = "/run/netns"
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -76,15 +76,12 @@ class Netns:
 
 
 def _check_is_netns(fd: int) -> None:
-    st = os.fstat(fd)
-    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
-        # nsfs inodes are neither; a plain file (an unmounted bind target) is not a namespace
-        raise NamespaceError(f"invalid namespace path: {io_error_text(OSError(errno.EINVAL, ''))}",
-                             code=errno.EINVAL)
-    # setns with CLONE_NEWNET validates the type; we check it cheaply via the nsfs ioctl-free route:
-    # /proc/self/fd/N links to "net:[inode]" for a network namespace
-    link = os.readlink(f"/proc/self/fd/{fd}")
-    if not link.startswith("net:["):
+    """NS_GET_NSTYPE answers CLONE_NEWNET only for a network namespace (a plain file gets ENOTTY)."""
+    try:
+        nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        nstype = -1
+    if nstype != CLONE_NEWNET:
         raise NamespaceError(f"invalid namespace path: {io_error_text(OSError(errno.EINVAL, ''))}",
                              code=errno.EINVAL)
 

@@ -1,0 +1,421 @@
+"""The orchestrator: a batch of containers in, one result per container out.
+
+Validation and planning happen for the whole batch before the kernel is touched; each bridge is made
+once; the per-container kernel work fans out under a bound; every container's firewall needs go into
+one nftables transaction and its DNS entries into one aardvark-dns update at the end. A failure of the
+shared steps (firewall, DNS) or a cancellation rolls back what this batch created, so a caller never
+sees a half-networked container. One container (the netavark CLI) is simply a batch of one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .bridge import BridgeHandle, attach, ensure_bridge, loopback_up
+from .dns import Aardvark, DnsEntry, DnsNetwork
+from .errors import AsyncnetError, ConfigError, NetlinkOpError, combine
+from .firewall.nftables import firewall_driver
+from .firewall.ruleset import NetworkFw, PortFw
+from .netlink import Netlink
+from .netns import Netns, run_in_netns
+from .plan import (
+    MAX_BRIDGE_PORTS,
+    Attachment,
+    host_sysctls,
+    network_fw,
+    plan_container,
+    port_fw,
+    status_block,
+)
+from .sysctl import write_sysctls_sync
+from .types import Network, NetworkOptions, StatusBlock
+
+DEFAULT_AARDVARK = "/usr/lib/podman/aardvark-dns"
+Progress = Callable[["Result"], None]
+
+
+@dataclass(frozen=True)
+class Container:
+    """One container of a batch: where its namespace is and netavark's options for it."""
+
+    netns: Netns
+    options: NetworkOptions
+
+    @classmethod
+    def of(cls, netns: str | Netns, options: NetworkOptions) -> Container:
+        return cls(netns if isinstance(netns, Netns) else Netns.from_ref(netns), options)
+
+
+@dataclass
+class Result:
+    container_id: str
+    status: dict[str, StatusBlock] | None = None
+    error: AsyncnetError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class _Work:
+    """Per-container bookkeeping for one batch."""
+
+    container: Container
+    result: Result
+    attachments: list[Attachment] = field(default_factory=list)
+    created_veths: list[str] = field(default_factory=list)
+    fd: int | None = None
+
+
+class Engine:
+    def __init__(self, *, config_dir: str | os.PathLike[str] = "/run/asyncnet", firewall: str | None = "nftables",
+                 concurrency: int = 64, host_netns: str | Netns | None = None, rootless: bool = False,
+                 aardvark_binary: str = DEFAULT_AARDVARK, dns_port: int = 53) -> None:
+        self.config_dir = Path(os.fsdecode(config_dir))
+        self.host_netns = host_netns if isinstance(host_netns, Netns) else Netns.from_ref(host_netns)
+        self.concurrency = max(1, concurrency)
+        self.rootless = rootless
+        self.dns_port = dns_port
+        self.firewall = firewall_driver(firewall, host_netns=self.host_netns, config_dir=self.config_dir,
+                                        rootless=rootless)
+        self.dns = Aardvark(self.config_dir, aardvark_binary, dns_port, self.host_netns)
+        self._host: Netlink | None = None
+        self._host_fd: int | None = None
+        self._forwarding_done: set[str] = set()
+
+    async def __aenter__(self) -> Engine:
+        self._host_fd = self.host_netns.open() if self.host_netns.path else None
+        try:
+            self._host = await Netlink.open(self._host_fd)
+        except BaseException:
+            self._close_fd()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._host is not None:
+            self._host.close()
+            self._host = None
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._host_fd is not None:
+            os.close(self._host_fd)
+            self._host_fd = None
+
+    @property
+    def host(self) -> Netlink:
+        if self._host is None:
+            raise RuntimeError("Engine is not open: use `async with Engine(...) as engine`")
+        return self._host
+
+    # ------------------------------------------------------------------------------------------------
+    # setup
+
+    async def setup(self, batch: Sequence[Container], *, progress: Progress | None = None) -> list[Result]:
+        works = [_Work(c, Result(c.options.container_id)) for c in batch]
+        live = self._validate(works)
+        for w in live:
+            try:
+                w.fd = w.container.netns.open()
+            except AsyncnetError as exc:
+                w.result.error = exc
+        live = [w for w in live if w.result.ok]
+        bridges: dict[str, BridgeHandle] = {}
+        try:
+            await self._setup_kernel(live, bridges, progress)
+            done = [w for w in live if w.result.ok]
+            await self._commit_shared(done)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._rollback([w for w in live if w.created_veths], bridges)
+            if isinstance(exc, AsyncnetError):
+                for w in live:
+                    if w.result.ok:
+                        w.result.error = exc
+            else:
+                raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._drop_unused_bridges(bridges)
+            for w in works:
+                if w.fd is not None:
+                    os.close(w.fd)
+                    w.fd = None
+        for w in works:
+            if w.result.ok:
+                w.result.status = {a.network.name: status_block(a, w.container.options.dns_servers)
+                                   for a in w.attachments}
+            elif w.created_veths:
+                raise AssertionError("failed container kept links")  # pragma: no cover - invariant
+        return [w.result for w in works]
+
+    def _validate(self, works: list[_Work]) -> list[_Work]:
+        """Batch-level checks no single container can make; failing containers get their error."""
+        defs: dict[str, Network] = {}
+        ports: dict[str, int] = {}
+        ids: set[str] = set()
+        for w in works:
+            opts = w.container.options
+            try:
+                if opts.container_id in ids:
+                    raise ConfigError(f"container {opts.container_id} appears twice in the batch")
+                ids.add(opts.container_id)
+                for net, _ in opts.attachments():
+                    other = defs.setdefault(net.network_interface, net)
+                    if other != net:
+                        raise ConfigError(f"network {net.name}: bridge {net.network_interface} is defined "
+                                          f"differently by another container of the batch")
+                w.attachments = plan_container(opts)
+                for a in w.attachments:
+                    ports[a.bridge] = ports.get(a.bridge, 0) + 1
+            except AsyncnetError as exc:
+                w.result.error = exc
+        for w in works:
+            for a in w.attachments:
+                if w.result.ok and ports[a.bridge] > MAX_BRIDGE_PORTS:
+                    w.result.error = ConfigError(f"network {a.network.name}: bridge {a.bridge} would get "
+                                                 f"{ports[a.bridge]} ports, more than {MAX_BRIDGE_PORTS}")
+        return [w for w in works if w.result.ok]
+
+    async def _setup_kernel(self, live: list[_Work], bridges: dict[str, BridgeHandle],
+                            progress: Progress | None) -> None:
+        networks = {a.bridge: a.network for w in live for a in w.attachments}
+        if not networks:
+            return
+        await run_in_netns(self._host_fd, lambda: write_sysctls_sync(host_sysctls(list(networks.values()))))
+        failed: dict[str, AsyncnetError] = {}
+
+        async def make_bridge(net: Network) -> None:
+            try:
+                bridges[net.network_interface] = await ensure_bridge(self.host, self._host_fd, net)
+            except AsyncnetError as exc:
+                failed[net.network_interface] = exc
+
+        async with anyio.create_task_group() as tg:
+            for net in networks.values():
+                tg.start_soon(make_bridge, net)
+        limiter = anyio.Semaphore(self.concurrency)
+
+        async def one(w: _Work) -> None:
+            async with limiter:
+                err = next((failed[a.bridge] for a in w.attachments if a.bridge in failed), None)
+                if err is not None:
+                    w.result.error = err
+                else:
+                    await self._setup_container(w, bridges)
+            if progress is not None:
+                progress(w.result)
+
+        async with anyio.create_task_group() as tg:
+            for w in live:
+                tg.start_soon(one, w)
+        v6_host = [(f"net/ipv6/conf/{v}/accept_dad", "0", False)
+                   for w in live if w.result.ok for a in w.attachments if a.ipv6 for v in [a.host_veth]]
+        if v6_host:
+            await run_in_netns(self._host_fd, lambda: write_sysctls_sync(v6_host))
+
+    async def _setup_container(self, w: _Work, bridges: dict[str, BridgeHandle]) -> None:
+        assert w.fd is not None
+        hairpin = w.container.options.port_mappings is not None and bool(w.container.options.port_mappings)
+        ctr = await Netlink.open(w.fd)
+        try:
+            await loopback_up(ctr)
+            for att in w.attachments:
+                w.created_veths.append(att.host_veth)
+                await attach(self.host, ctr, w.fd, att, bridges[att.bridge],
+                             hairpin=hairpin and not att.network.internal)
+        except AsyncnetError as exc:
+            w.result.error = exc
+            with anyio.CancelScope(shield=True):
+                await self._delete_veths(w)
+        finally:
+            ctr.close()
+
+    async def _delete_veths(self, w: _Work) -> None:
+        """Rollback of one container: the host end takes the peer with it. ENODEV = never made."""
+        for name in reversed(w.created_veths):
+            try:
+                await self.host.delete_link(name, "rollback: delete veth")
+            except NetlinkOpError as exc:
+                if exc.code != errno.ENODEV:
+                    raise
+        w.created_veths.clear()
+
+    async def _rollback(self, works: list[_Work], bridges: dict[str, BridgeHandle]) -> None:
+        group = _fresh_group()
+        names = [n for w in works for n in w.created_veths]
+        await self._group_delete(names, group, errors=None)
+        for w in works:
+            w.created_veths.clear()
+
+    async def _drop_unused_bridges(self, bridges: dict[str, BridgeHandle]) -> None:
+        """Bridges this batch created but that ended up without ports (every container failed)."""
+        for handle in bridges.values():
+            if handle.created and not await self.host.port_names(handle.index):
+                try:
+                    await self.host.delete_link(handle.name, "rollback: delete bridge")
+                except NetlinkOpError as exc:
+                    if exc.code != errno.ENODEV:
+                        raise
+
+    async def _commit_shared(self, done: list[_Work]) -> None:
+        """Firewall (one transaction), route_localnet, then DNS (one update) for the whole batch."""
+        if not done:
+            return
+        nets: dict[str, NetworkFw] = {}
+        ports: list[PortFw] = []
+        localnet: set[str] = set()
+        for w in done:
+            opts = w.container.options
+            for a in w.attachments:
+                if a.network.internal:
+                    continue
+                nets.setdefault(a.network.id, network_fw(a.network))
+                ports.append(port_fw(opts, a, self.dns_port))
+                if opts.port_mappings is not None:
+                    localnet.add(a.bridge)
+        if nets:
+            await self.firewall.commit(setup_networks=list(nets.values()), setup_ports=ports)
+        if localnet and self.firewall.enabled:
+            writes = [(f"net/ipv4/conf/{br}/route_localnet", "1", False) for br in sorted(localnet)]
+            await run_in_netns(self._host_fd, lambda: write_sysctls_sync(writes))
+        entries = [dns_entry(w.container.options, a) for w in done for a in w.attachments
+                   if a.network.dns_enabled]
+        if entries:
+            try:
+                await self.dns.commit(add=entries)
+            except AsyncnetError:
+                with anyio.CancelScope(shield=True):
+                    if nets:
+                        await self.firewall.commit(teardown_ports=ports)
+                    await self.dns.commit(remove=[(e.network.name, e.container_id) for e in entries])
+                raise
+
+    # ------------------------------------------------------------------------------------------------
+    # teardown
+
+    async def teardown(self, batch: Sequence[Container], *, progress: Progress | None = None) -> list[Result]:
+        """Remove every attachment of the batch; keep going after errors and report them per container.
+
+        The container namespace is not needed: host ends have deterministic names, and deleting the host
+        end takes the container end (and its routes) with it. All host ends go in one group delete.
+        """
+        works = [_Work(c, Result(c.options.container_id)) for c in batch]
+        errors: dict[int, list[AsyncnetError]] = {i: [] for i in range(len(works))}
+        for i, w in enumerate(works):
+            try:
+                w.attachments = plan_container(w.container.options)
+            except AsyncnetError as exc:
+                errors[i].append(exc)
+        group = _fresh_group()
+        names: list[str] = []
+        owners: dict[str, int] = {}
+        for i, w in enumerate(works):
+            for a in w.attachments:
+                names.append(a.host_veth)
+                owners[a.host_veth] = i
+        contexts = {a.host_veth: f"failed to delete container veth {a.ifname}"
+                    for w in works for a in w.attachments}
+        veth_errors: dict[str, AsyncnetError] = {}
+        await self._group_delete(names, group, errors=veth_errors, contexts=contexts)
+        for name, err in veth_errors.items():
+            errors[owners[name]].append(err)
+        # bridges without ports go, and with them the network's firewall rules ("complete teardown")
+        networks = {a.bridge: a.network for w in works for a in w.attachments}
+        complete: list[Network] = []
+        for br, net in networks.items():
+            try:
+                link = await self.host.get_link(br)
+                if link is None:
+                    complete.append(net)
+                elif not await self.host.port_names(link["index"]):
+                    await self.host.delete_link(br, "failed to delete bridge")
+                    complete.append(net)
+            except AsyncnetError as exc:
+                for i, w in enumerate(works):
+                    if any(a.bridge == br for a in w.attachments):
+                        errors[i].append(exc)
+        ports = [port_fw(w.container.options, a, self.dns_port) for w in works for a in w.attachments
+                 if not a.network.internal]
+        nets = [network_fw(n) for n in complete if not n.internal]
+        entries = [(a.network.name, w.container.options.container_id) for w in works for a in w.attachments
+                   if a.network.dns_enabled]
+        try:
+            if ports or nets:
+                await self.firewall.commit(teardown_ports=ports, teardown_networks=nets)
+        except AsyncnetError as exc:
+            for i in errors:
+                errors[i].append(exc)
+        try:
+            if entries:
+                await self.dns.commit(remove=entries)
+        except AsyncnetError as exc:
+            for i in errors:
+                errors[i].append(exc)
+        for i, w in enumerate(works):
+            w.result.error = combine(errors[i])
+            if progress is not None:
+                progress(w.result)
+        return [w.result for w in works]
+
+    async def _group_delete(self, names: list[str], group: int, *, errors: dict[str, AsyncnetError] | None,
+                            contexts: dict[str, str] | None = None) -> None:
+        """Tag each host veth with one fresh link group, then delete the group in one request:
+        one RCU grace period for the batch instead of ~20 ms per veth."""
+        if not names:
+            return
+        tagged = 0
+        limiter = anyio.Semaphore(self.concurrency)
+
+        async def tag(name: str) -> None:
+            nonlocal tagged
+            async with limiter:
+                try:
+                    await self.host.set_group(name, group, (contexts or {}).get(name, f"delete veth {name}"))
+                    tagged += 1
+                except NetlinkOpError as exc:
+                    if errors is not None:
+                        errors[name] = exc
+
+        async with anyio.create_task_group() as tg:
+            for name in names:
+                tg.start_soon(tag, name)
+        if tagged:
+            await self.host.delete_group(group)
+
+
+def _fresh_group() -> int:
+    """A random link group: concurrent engines never share one, and 0 (the default) is never used."""
+    return secrets.randbelow(0x7FFFFFFF - 0x10000) + 0x10000
+
+
+def dns_entry(opts: NetworkOptions, att: Attachment) -> DnsEntry:
+    net = att.network
+    return DnsEntry(
+        network=DnsNetwork(net.name, net.gateways, net.network_dns_servers),
+        container_id=opts.container_id,
+        ipv4=tuple(a.ip for a in att.addresses if a.version == 4),  # type: ignore[misc]
+        ipv6=tuple(a.ip for a in att.addresses if a.version == 6),  # type: ignore[misc]
+        names=(opts.container_name, *att.options.aliases),
+        dns_servers=opts.dns_servers,
+    )
+
+
+def results_json(results: Sequence[Result]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for r in results:
+        if r.error is not None:
+            out[r.container_id] = {"error": str(r.error)}
+        else:
+            out[r.container_id] = {"status": {k: v.to_json() for k, v in (r.status or {}).items()}}
+    return out

@@ -1,0 +1,169 @@
+"""Per-namespace async netlink sockets and the few typed operations the bridge driver needs.
+
+Sockets are created in a worker thread that has ``setns()``-ed into the target namespace and are
+handed to ``AsyncIPRoute(fileno=…)``: no fork per socket (pyroute2's ``netns=`` forks and blocks the
+loop ~10 ms) and no silent creation of a missing namespace. Every failure is translated into an
+error that says what was being done; transient codes are retried with bounded jittered backoff.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from .errors import NetlinkOpError, netlink_error_text
+from .netns import run_in_netns
+from .types import IPInterface, IPNetwork
+
+TRANSIENT = frozenset({errno.EBUSY, errno.EAGAIN, errno.ENOBUFS, errno.EINTR})
+IFA_F_NODAD = 0x02
+IFF_UP = 0x1
+NETLINK_ROUTE = 0
+T = TypeVar("T")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, NetlinkError) and exc.code in TRANSIENT
+
+
+def _new_route_socket() -> int:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
+    return sock.detach()
+
+
+def translate(exc: NetlinkError, context: str) -> NetlinkOpError:
+    return NetlinkOpError(f"{context}: {netlink_error_text(exc.code)}", code=exc.code)
+
+
+class Netlink:
+    """One rtnetlink socket bound to one namespace. Not shared across threads (pyroute2 rule)."""
+
+    def __init__(self, ipr: AsyncIPRoute) -> None:
+        self.ipr = ipr
+        self.requests = 0  # for profiling and tests: round trips made through this socket
+
+    @classmethod
+    async def open(cls, netns_fd: int | None) -> Netlink:
+        fd = await run_in_netns(netns_fd, _new_route_socket)
+        ipr = AsyncIPRoute(fileno=fd)
+        try:
+            await ipr.setup_endpoint()
+        except BaseException:
+            ipr.close()
+            raise
+        return cls(ipr)
+
+    def close(self) -> None:
+        self.ipr.close()
+
+    async def call(self, context: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Run one request with the retry policy; NetlinkError becomes NetlinkOpError(context)."""
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_is_transient),
+                stop=stop_after_attempt(6),
+                wait=wait_random_exponential(multiplier=0.002, max=0.1),
+                reraise=True,
+            ):
+                with attempt:
+                    self.requests += 1
+                    return await fn(*args, **kwargs)
+        except NetlinkError as exc:
+            raise translate(exc, context) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ---- links -----------------------------------------------------------------------------------
+
+    async def get_link(self, name: str) -> Any | None:
+        """The link message for ``name``, or None when there is no such link."""
+        try:
+            self.requests += 1
+            msgs = await self.ipr.link("get", ifname=name)
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return None
+            raise translate(exc, f"get interface {name}") from None
+        return msgs[0] if msgs else None
+
+    @staticmethod
+    def kind_of(link: Any) -> str:
+        info = link.get(("linkinfo", "kind")) if hasattr(link, "get") else None
+        if info is None:
+            linkinfo = link.get_attr("IFLA_LINKINFO")
+            info = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None
+        return info or "device"
+
+    async def create_bridge(self, name: str, *, mtu: int, mac: str, master: int | None) -> None:
+        kwargs: dict[str, Any] = {"ifname": name, "kind": "bridge", "address": mac}
+        if mtu:
+            kwargs["mtu"] = mtu
+        if master is not None:
+            kwargs["master"] = master
+        await self.call("create bridge", self.ipr.link, "add", **kwargs)
+
+    async def create_veth(self, host_name: str, *, bridge_index: int, mtu: int, peer_name: str,
+                          peer_netns_fd: int, peer_mac: str, hairpin: bool) -> None:
+        """Both ends in one request; the host end comes up at creation (ifi_flags in the same message)."""
+        peer: dict[str, Any] = {"ifname": peer_name, "net_ns_fd": peer_netns_fd, "address": peer_mac}
+        kwargs: dict[str, Any] = {"ifname": host_name, "kind": "veth", "master": bridge_index,
+                                  "flags": IFF_UP, "change": IFF_UP, "peer": peer}
+        if mtu:
+            kwargs["mtu"] = mtu
+            peer["mtu"] = mtu
+        await self.call("create veth pair", self.ipr.link, "add", **kwargs)
+        if hairpin:
+            await self.call("set hairpin mode", self.ipr.brport, "set", ifname=host_name, hairpin=1)
+
+    async def set_up(self, index: int, context: str = "set interface up") -> None:
+        await self.call(context, self.ipr.link, "set", index=index, flags=IFF_UP, change=IFF_UP)
+
+    async def set_address(self, index: int, mac: str) -> None:
+        await self.call("set mac address", self.ipr.link, "set", index=index, address=mac)
+
+    async def delete_link(self, name: str, context: str) -> None:
+        await self.call(context, self.ipr.link, "del", ifname=name)
+
+    async def set_group(self, name: str, group: int, context: str) -> None:
+        await self.call(context, self.ipr.link, "set", ifname=name, group=group)
+
+    async def delete_group(self, group: int) -> None:
+        """One RTM_DELLINK for a whole link group: one RCU wait instead of one per veth."""
+        await self.call("delete veth group", self.ipr.link, "del", group=group)
+
+    async def port_names(self, bridge_index: int) -> list[str]:
+        """Ports of a bridge; IFLA_MASTER in the dump request makes the kernel do the filtering."""
+        self.requests += 1
+        try:
+            return [msg.get("ifname") async for msg in await self.ipr.link("dump", master=bridge_index)]
+        except NetlinkError as exc:
+            raise translate(exc, "list bridge ports") from None
+
+    # ---- addresses and routes ---------------------------------------------------------------------
+
+    async def add_address(self, index: int, addr: IPInterface, context: str, *, exist_ok: bool = False) -> None:
+        kwargs: dict[str, Any] = {"index": index, "address": str(addr.ip), "prefixlen": addr.network.prefixlen}
+        if addr.version == 6:
+            kwargs["flags"] = IFA_F_NODAD
+        try:
+            await self.call(context, self.ipr.addr, "add", **kwargs)
+        except NetlinkOpError as exc:
+            if exist_ok and exc.code == errno.EEXIST:
+                return
+            if addr.version == 6 and exc.code == errno.EACCES:
+                raise NetlinkOpError(
+                    f"{context}: failed to add ipv6 address, is ipv6 enabled in the kernel?: "
+                    f"{netlink_error_text(errno.EACCES)}", code=errno.EACCES) from None
+            raise
+
+    async def add_route(self, *, index: int, destination: IPNetwork, gateway: ipaddress.IPv4Address |
+                        ipaddress.IPv6Address, metric: int, context: str) -> None:
+        await self.call(context, self.ipr.route, "add", dst=str(destination.network_address),
+                        dst_len=destination.prefixlen, gateway=str(gateway), oif=index, priority=metric,
+                        family=socket.AF_INET if destination.version == 4 else socket.AF_INET6)
