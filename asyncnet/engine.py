@@ -59,6 +59,7 @@ class Result:
     container_id: str
     status: dict[str, StatusBlock] | None = None
     error: AsyncnetError | None = None
+    not_set_up: bool = False  # teardown: none of its interfaces existed (not an error for the bulk CLI)
 
     @property
     def ok(self) -> bool:
@@ -364,6 +365,9 @@ class Engine:
                 errors[i].append(exc)
         for i, w in enumerate(works):
             w.result.error = combine(errors[i])
+            missing = [a for a in w.attachments if a.host_veth in veth_errors
+                       and veth_errors[a.host_veth].code == errno.ENODEV]
+            w.result.not_set_up = bool(w.attachments) and len(missing) == len(w.attachments) == len(errors[i])
             if progress is not None:
                 progress(w.result)
         return [w.result for w in works]

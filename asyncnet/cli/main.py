@@ -1,0 +1,108 @@
+"""``asyncnet``: the bulk command line (a batch file of many containers in, one JSON report out)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import anyio
+import orjson
+
+from ..batch import BatchSpec, load_batch
+from ..engine import Engine, Result
+from ..errors import AsyncnetError
+from ..netns import NETNS_RUN_DIR, create_named_netns, delete_netns_at
+
+DEFAULT_CONFIG = "/run/asyncnet"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asyncnet", description="Bulk container bridge networking")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, helptext in (("up", "set up every container of a batch file"),
+                           ("down", "tear down every container of a batch file")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--config", default=DEFAULT_CONFIG)
+        s.add_argument("--firewall-driver", default=os.environ.get("NETAVARK_FW") or "nftables")
+        s.add_argument("--create-netns", action="store_true",
+                       help="up: create missing named namespaces; down: delete them afterwards")
+        s.add_argument("--concurrency", type=int, default=64)
+        s.add_argument("--host-netns", default=None, help="run against this namespace as 'the host'")
+        s.add_argument("batch", help="batch JSON file ('-' for stdin)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        raw = sys.stdin.buffer.read() if args.batch == "-" else open(args.batch, "rb").read()
+        spec = load_batch(raw)
+    except OSError as exc:
+        _print({"error": f"failed to load batch: {exc}"})
+        raise SystemExit(1) from None
+    except AsyncnetError as exc:
+        _print({"error": str(exc)})
+        raise SystemExit(1) from None
+    report = anyio.run(_run, args, spec, backend="asyncio")
+    _print(report)
+    raise SystemExit(1 if any("error" in v for v in report.values()) else 0)
+
+
+def _print(obj: Any) -> None:
+    sys.stdout.buffer.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n")
+    sys.stdout.flush()
+
+
+def _progress(total: int, label: str) -> AbstractContextManager[Callable[[Result], None] | None]:
+    """A rich progress bar on a terminal, nothing otherwise (batch runners read stdout only)."""
+    if not sys.stderr.isatty():
+        return nullcontext(None)
+    from contextlib import contextmanager
+
+    from rich.progress import Progress
+
+    @contextmanager
+    def bar():  # type: ignore[no-untyped-def]
+        with Progress(transient=True, console=None) as prog:
+            task = prog.add_task(label, total=total)
+            yield lambda _r: prog.advance(task)
+
+    return bar()
+
+
+async def _run(args: argparse.Namespace, spec: BatchSpec) -> dict[str, Any]:
+    report: dict[str, Any] = dict(spec.errors)
+    containers = spec.containers
+    if args.command == "up" and args.create_netns:
+        for c in containers:
+            if c.netns.path and os.path.dirname(c.netns.path) == NETNS_RUN_DIR and not os.path.exists(c.netns.path):
+                await anyio.to_thread.run_sync(create_named_netns, os.path.basename(c.netns.path))
+    async with Engine(config_dir=args.config, firewall=args.firewall_driver, concurrency=args.concurrency,
+                      host_netns=args.host_netns) as engine:
+        with _progress(len(containers), args.command) as progress:
+            if args.command == "up":
+                results = await engine.setup(containers, progress=progress)
+                for r in results:
+                    report[r.container_id] = ({"error": str(r.error)} if r.error else
+                                              {"status": {k: v.to_json() for k, v in (r.status or {}).items()}})
+            else:
+                results = await engine.teardown(containers, progress=progress)
+                for r in results:
+                    report[r.container_id] = _down_entry(r)
+    if args.command == "down" and args.create_netns:
+        for c in containers:
+            if c.netns.path and os.path.dirname(c.netns.path) == NETNS_RUN_DIR:
+                await anyio.to_thread.run_sync(delete_netns_at, c.netns.path)
+    return report
+
+
+def _down_entry(r: Result) -> dict[str, Any]:
+    if r.error is None:
+        return {"status": "removed"}
+    if r.not_set_up:
+        return {"status": "not set up"}
+    return {"error": str(r.error)}
