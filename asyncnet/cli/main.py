@@ -13,7 +13,7 @@ import anyio
 import orjson
 
 from ..batch import BatchSpec, load_batch
-from ..engine import Engine, Result
+from ..engine import Container, Engine, Result
 from ..errors import AsyncnetError
 from ..netns import NETNS_RUN_DIR, create_named_netns, delete_netns_at
 
@@ -79,7 +79,7 @@ async def _run(args: argparse.Namespace, spec: BatchSpec) -> dict[str, Any]:
     containers = spec.containers
     if args.command == "up" and args.create_netns:
         for c in containers:
-            if c.netns.path and os.path.dirname(c.netns.path) == NETNS_RUN_DIR and not os.path.exists(c.netns.path):
+            if _is_named(c):
                 await anyio.to_thread.run_sync(create_named_netns, os.path.basename(c.netns.path))
     async with Engine(config_dir=args.config, firewall=args.firewall_driver, concurrency=args.concurrency,
                       host_netns=args.host_netns) as engine:
@@ -95,9 +95,14 @@ async def _run(args: argparse.Namespace, spec: BatchSpec) -> dict[str, Any]:
                     report[r.container_id] = _down_entry(r)
     if args.command == "down" and args.create_netns:
         for c in containers:
-            if c.netns.path and os.path.dirname(c.netns.path) == NETNS_RUN_DIR:
+            if _is_named(c):
                 await anyio.to_thread.run_sync(delete_netns_at, c.netns.path)
     return report
+
+
+def _is_named(c: Container) -> bool:
+    """Only `ip netns`-style namespaces are ours to create and delete, never /proc/PID/ns/net."""
+    return bool(c.netns.path) and os.path.dirname(c.netns.path or "") == NETNS_RUN_DIR
 
 
 def _down_entry(r: Result) -> dict[str, Any]:
