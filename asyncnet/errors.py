@@ -74,6 +74,14 @@ class DnsError(AsyncnetError):
     pass
 
 
+class IpamError(AsyncnetError):
+    """No address left, or a static address that is not assignable or already someone else's."""
+
+
+class StateError(AsyncnetError):
+    """The state database could not be read or written (the message names the file)."""
+
+
 class MultipleErrors(AsyncnetError):
     """Several independent failures (teardown keeps going and reports them all)."""
 
