@@ -1,0 +1,569 @@
+"""Apply :mod:`asyncnet.firewall.ruleset` plans: one read, one atomic nftables transaction per call.
+
+netavark spawns ``nft`` twice per driver call and re-reads the table every time, and relies on podman's
+global lock (8 netavark processes at once produce "Chain already exists" errors and leftover rules).
+Here one :meth:`NftablesFirewall.commit` covers a whole engine call: under a cross-process lock file it
+reads ``list table inet netavark`` once, plans every change in memory and applies them as ONE
+transaction — all or nothing. libnftables is called through its Python binding from a worker thread
+that has entered the host namespace (the C call releases the GIL; a context is not thread-safe, so each
+firewall object owns one context behind a lock). Without the library, ``nft -j -f -`` is run instead
+(also one atomic transaction). pyroute2.nftables is deliberately not used (see DESIGN.md).
+
+netavark's state files (``<config>/firewall/…``) are kept exactly as netavark writes them so that
+``firewall-reload`` can replay them; a failed transaction restores them, so "nothing applied" holds
+for the files too.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+import anyio.to_thread
+import orjson
+
+from ..errors import ConfigError, FirewallError, io_error_text
+from ..netns import Netns, run_in_netns_sync
+from ..types import IPNetwork, Isolation, parse_port_mapping
+from .ruleset import FAMILY, TABLE, NetworkFw, PortFw, Table, parse_host_ip, plan_transaction
+
+log = logging.getLogger("asyncnet.firewall")
+
+FIREWALL_DIR = "firewall"
+DRIVER_FILE = "firewall-driver"
+NETWORKS_DIR = "networks"
+PORTS_DIR = "ports"
+LOCK_FILE = "nftables.lock"
+HASH_NAME_LEN = 13  # netavark's network_hash_name: sha512(name) in upper-case hex, 13 chars
+
+LOG_USING_NFTABLES = "Using nftables firewall driver"
+LOG_NO_FIREWALL = "Not using firewall"
+
+
+def network_hash_name(network_name: str) -> str:
+    """netavark's ``network_hash_name`` (kept in the state files; iptables uses it for chain names)."""
+    return hashlib.sha512(network_name.encode()).hexdigest().upper()[:HASH_NAME_LEN]
+
+
+# --------------------------------------------------------------------------------------------------
+# small helpers
+
+
+_gc_guard = threading.Lock()
+_gc_state = {"depth": 0, "was_enabled": True}
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Parsing/planning thousands of small dicts triggers the cyclic GC over and over (~4x slower).
+
+    Reference-counted: nested or concurrent users (several firewall objects) re-enable only once.
+    """
+    with _gc_guard:
+        if _gc_state["depth"] == 0:
+            _gc_state["was_enabled"] = gc.isenabled()
+            gc.disable()
+        _gc_state["depth"] += 1
+    try:
+        yield
+    finally:
+        with _gc_guard:
+            _gc_state["depth"] -= 1
+            if _gc_state["depth"] == 0 and _gc_state["was_enabled"]:
+                gc.enable()
+
+
+def _nft_error(text: str) -> FirewallError:
+    text = " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+    return FirewallError(f"nftables error: {text or 'nft failed without a message'}")
+
+
+def _is_missing_table(err: str) -> bool:
+    return "No such file or directory" in err
+
+
+# --------------------------------------------------------------------------------------------------
+# backends: libnftables in-process, or the nft binary
+
+
+class _Backend(Protocol):
+    name: str
+    needs_setns: bool
+
+    def list_table(self) -> bytes | str | None: ...
+
+    def apply(self, payload: bytes) -> None: ...
+
+
+class _LibBackend:
+    """libnftables through the ``nftables`` module; call only from a thread inside the host netns."""
+
+    name = "libnftables"
+    needs_setns = True
+
+    def __init__(self) -> None:
+        import nftables  # noqa: F401 - fail here (ImportError) when the module is missing
+
+        self._module = nftables
+        self._ctx: Any = None
+        self._lock = threading.Lock()
+
+    def _context(self) -> Any:
+        # created on first use, i.e. inside the host netns: its netlink socket belongs there
+        if self._ctx is None:
+            ctx = self._module.Nftables()
+            ctx.set_json_output(True)  # on 1.0.6, JSON *input* is only recognised with this set
+            self._ctx = ctx
+        return self._ctx
+
+    def probe(self) -> None:
+        """Load libnftables.so now (OSError when the library is not installed)."""
+        with self._lock:
+            self._context()
+
+    def list_table(self) -> str | None:
+        with self._lock:
+            rc, out, err = self._context().cmd(f"list table {FAMILY} {TABLE}")
+        if rc != 0:
+            if _is_missing_table(err):
+                return None
+            raise _nft_error(err)
+        return out
+
+    def apply(self, payload: bytes) -> None:
+        with self._lock:
+            rc, _out, err = self._context().cmd(payload.decode())
+        if rc != 0:
+            raise _nft_error(err)
+
+
+class _CliBackend:
+    """``nft -j`` subprocesses, entered into the host netns with nsenter when it has a path."""
+
+    name = "nft"
+    needs_setns = False
+
+    def __init__(self, host_netns: Netns) -> None:
+        self._nft = shutil.which("nft") or "/usr/sbin/nft"
+        self._prefix = ["nsenter", f"--net={host_netns.path}"] if host_netns.path else []
+
+    def _run(self, args: Sequence[str], data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        try:
+            return subprocess.run([*self._prefix, self._nft, *args], input=data, capture_output=True,
+                                  check=False, timeout=120)
+        except OSError as exc:
+            raise FirewallError(f"nftables error: {io_error_text(exc)}") from None
+
+    def list_table(self) -> bytes | None:
+        proc = self._run(["-j", "list", "table", FAMILY, TABLE])
+        if proc.returncode != 0:
+            err = proc.stderr.decode(errors="replace")
+            if _is_missing_table(err):
+                return None
+            raise _nft_error(err)
+        return proc.stdout
+
+    def apply(self, payload: bytes) -> None:
+        proc = self._run(["-j", "-f", "-"], payload)
+        if proc.returncode != 0:
+            raise _nft_error(proc.stderr.decode(errors="replace"))
+
+
+# --------------------------------------------------------------------------------------------------
+# state files (§9)
+
+
+def _subnet_text(net: IPNetwork | None) -> str | None:
+    return None if net is None else str(net)
+
+
+def network_state(net: NetworkFw, dns_port: int) -> dict[str, Any]:
+    """``$config/firewall/networks/<id>``, key order as netavark 1.14 writes it."""
+    return {
+        "subnets": [str(s) for s in net.subnets],
+        "bridge_name": net.bridge,
+        "network_id": net.network_id,
+        "network_hash_name": network_hash_name(net.network_name),
+        "isolation": net.isolation.value,
+        "dns_port": dns_port,
+    }
+
+
+def port_state(pf: PortFw) -> dict[str, Any]:
+    """``$config/firewall/ports/<net id>_<ctr id>``."""
+    return {
+        "container_id": pf.container_id,
+        "network_id": pf.network.network_id,
+        "port_mappings": None if pf.port_mappings is None else [m.to_json() for m in pf.port_mappings],
+        "network_name": pf.network.network_name,
+        "network_hash_name": network_hash_name(pf.network.network_name),
+        "container_ip_v4": None if pf.ipv4 is None else str(pf.ipv4.ip),
+        "subnet_v4": _subnet_text(None if pf.ipv4 is None else pf.ipv4.network),
+        "container_ip_v6": None if pf.ipv6 is None else str(pf.ipv6.ip),
+        "subnet_v6": _subnet_text(None if pf.ipv6 is None else pf.ipv6.network),
+        "dns_port": pf.dns_port,
+        "dns_server_ips": [str(g) for g in pf.network.gateways],
+    }
+
+
+@dataclass
+class _StateJournal:
+    """Files changed before the transaction, with what they held, so a failure can put them back."""
+
+    before: list[tuple[pathlib.Path, bytes | None]] = field(default_factory=list)
+
+    def _remember(self, path: pathlib.Path) -> None:
+        try:
+            self.before.append((path, path.read_bytes()))
+        except FileNotFoundError:
+            self.before.append((path, None))
+
+    def write(self, path: pathlib.Path, data: bytes, *, only_if_missing: bool = False) -> None:
+        if only_if_missing and path.exists():
+            return  # netavark: "net config file already exists no need to write the same stuff again"
+        self._remember(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def remove(self, path: pathlib.Path) -> None:
+        if not path.exists():
+            return
+        self._remember(path)
+        path.unlink()
+
+    def rollback(self) -> None:
+        for path, data in reversed(self.before):
+            try:
+                if data is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    path.write_bytes(data)
+            except OSError as exc:  # best effort: the nft error is what the caller must see
+                log.warning("could not restore firewall state file %s: %s", path, exc)
+
+
+def _read_json_files(directory: pathlib.Path) -> list[tuple[str, dict[str, Any]]]:
+    """(file name, content) in creation order (mtime, then name): replays follow setup order."""
+    try:
+        entries = [e for e in os.scandir(directory) if e.is_file() and not e.name.startswith(".")]
+    except FileNotFoundError:
+        return []
+    entries.sort(key=lambda e: (e.stat().st_mtime_ns, e.name))
+    out = []
+    for e in entries:
+        try:
+            with open(e.path, "rb") as fh:
+                out.append((e.name, orjson.loads(fh.read())))
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise FirewallError(f"read firewall config {e.path}: {exc}") from None
+    return out
+
+
+def read_state(config_dir: pathlib.Path) -> tuple[list[NetworkFw], list[PortFw]]:
+    """The networks and container port forwards recorded by setups (netavark's ``read_fw_config``)."""
+    fw = config_dir / FIREWALL_DIR
+    raw_nets = _read_json_files(fw / NETWORKS_DIR)
+    raw_ports = _read_json_files(fw / PORTS_DIR)
+
+    # the network file has no name and no gateways; netavark keeps those in the port files
+    port_info: dict[str, dict[str, Any]] = {}
+    for fname, p in raw_ports:
+        nid = p.get("network_id") or fname.split("_", 1)[0]
+        port_info.setdefault(nid, p)
+
+    networks: dict[str, NetworkFw] = {}
+    for fname, n in raw_nets:
+        nid = n.get("network_id") or fname
+        info = port_info.get(nid, {})
+        networks[nid] = NetworkFw(
+            network_id=nid,
+            network_name=info.get("network_name") or "",
+            bridge=n.get("bridge_name") or "",
+            subnets=tuple(ipaddress.ip_network(s) for s in n.get("subnets") or ()),
+            gateways=tuple(ipaddress.ip_address(g) for g in info.get("dns_server_ips") or ()),
+            isolation=Isolation(n.get("isolation") or "Never"),
+        )
+
+    ports: list[PortFw] = []
+    for fname, p in raw_ports:
+        nid = p.get("network_id") or fname.split("_", 1)[0]
+        ipv4 = _interface(p.get("container_ip_v4"), p.get("subnet_v4"))
+        ipv6 = _interface(p.get("container_ip_v6"), p.get("subnet_v6"))
+        net = networks.get(nid) or NetworkFw(
+            network_id=nid, network_name=p.get("network_name") or "", bridge="",
+            subnets=tuple(i.network for i in (ipv4, ipv6) if i is not None),
+            gateways=tuple(ipaddress.ip_address(g) for g in p.get("dns_server_ips") or ()))
+        mappings = p.get("port_mappings")
+        ports.append(PortFw(
+            network=net,
+            container_id=p.get("container_id") or fname.split("_", 1)[-1],
+            container_name="",
+            ipv4=ipv4,  # type: ignore[arg-type]
+            ipv6=ipv6,  # type: ignore[arg-type]
+            port_mappings=None if mappings is None else tuple(
+                parse_port_mapping(m, f"{PORTS_DIR}/{fname}.port_mappings[{i}]")
+                for i, m in enumerate(mappings)),
+            dns_port=int(p.get("dns_port") or 53),
+        ))
+    return list(networks.values()), ports
+
+
+def _interface(ip: str | None, subnet: str | None) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface | None:
+    if not ip:
+        return None
+    if subnet:
+        return ipaddress.ip_interface(f"{ip}/{ipaddress.ip_network(subnet).prefixlen}")
+    return ipaddress.ip_interface(ip)
+
+
+# --------------------------------------------------------------------------------------------------
+# the drivers
+
+
+@dataclass
+class CommitStats:
+    """What the last transaction cost (the benchmark reports these)."""
+
+    read_s: float = 0.0
+    plan_s: float = 0.0
+    apply_s: float = 0.0
+    total_s: float = 0.0
+    rules_before: int = 0
+    commands: int = 0
+
+
+class NftablesFirewall:
+    """netavark's nftables driver, one transaction per :meth:`commit`."""
+
+    driver_name = "nftables"
+    log_message = LOG_USING_NFTABLES
+
+    def __init__(self, host_netns: Netns, config_dir: pathlib.Path, *, rootless: bool = False,
+                 backend: str | None = None) -> None:
+        """``backend``: None = libnftables if it loads, else the ``nft`` binary; or "library"/"cli"."""
+        self.host_netns = host_netns
+        self.config_dir = pathlib.Path(config_dir)
+        self.rootless = rootless
+        self.transactions = 0
+        self.last_stats = CommitStats()
+        self._backend_choice = backend
+        self._backend: _Backend | None = None
+        self._backend_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    async def commit(self, *, setup_networks: Sequence[NetworkFw] = (), setup_ports: Sequence[PortFw] = (),
+                     teardown_ports: Sequence[PortFw] = (), teardown_networks: Sequence[NetworkFw] = ()
+                     ) -> None:
+        """Apply everything one engine call needs as ONE transaction (or raise and apply nothing).
+
+        State files are written (setup) / removed (teardown) first, unless rootless, and restored if
+        the transaction fails. Raises ``ConfigError`` for invalid input and
+        ``FirewallError("nftables error: …")`` when nftables rejects the batch.
+        """
+        if not (setup_networks or setup_ports or teardown_ports or teardown_networks):
+            return
+        for pf in (*setup_ports, *teardown_ports):  # invalid host_ip: fail before any file or lock
+            for m in pf.port_mappings or ():
+                parse_host_ip(m)
+        await anyio.to_thread.run_sync(partial(
+            self._transaction, setup_networks=tuple(setup_networks), setup_ports=tuple(setup_ports),
+            teardown_ports=tuple(teardown_ports), teardown_networks=tuple(teardown_networks)))
+
+    async def reload(self) -> None:
+        """``firewall-reload``: re-apply everything in the state files, in one transaction.
+
+        Idempotent (port rules that exist are not added again, unlike netavark's replay), so running
+        it twice, or on an intact ruleset, changes nothing; after ``nft flush ruleset`` it restores.
+        """
+        await anyio.to_thread.run_sync(partial(self._transaction, reload=True))
+
+    async def read_table(self) -> Table:
+        """The current table (for diagnostics and tests)."""
+        def body() -> Table:
+            backend = self._get_backend()
+            return Table.from_json(self._in_host(backend, backend.list_table))
+        return await anyio.to_thread.run_sync(body)
+
+    @property
+    def backend_name(self) -> str:
+        return self._get_backend().name
+
+    # -- internals (worker thread) -------------------------------------------------------------------
+
+    def _get_backend(self) -> _Backend:
+        with self._backend_lock:
+            if self._backend is None:
+                self._backend = self._make_backend()
+            return self._backend
+
+    def _make_backend(self) -> _Backend:
+        choice = self._backend_choice
+        if choice == "cli":
+            return _CliBackend(self.host_netns)
+        try:
+            lib = _LibBackend()
+            self._in_host(lib, lib.probe)
+            return lib
+        except (ImportError, OSError) as exc:
+            if choice == "library":
+                raise FirewallError(f"nftables error: libnftables unavailable: {exc}") from None
+            log.info("libnftables unavailable (%s), using the nft binary", exc)
+            return _CliBackend(self.host_netns)
+
+    def _in_host(self, backend: _Backend, fn: Callable[[], Any]) -> Any:
+        if not backend.needs_setns or self.host_netns.path is None:
+            return fn()
+        fd = self.host_netns.open()
+        try:
+            return run_in_netns_sync(fd, fn)
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Cross-process (and cross-thread: one open file description each) exclusive lock."""
+        fw = self.config_dir / FIREWALL_DIR
+        try:
+            fw.mkdir(parents=True, exist_ok=True)
+            fd = os.open(fw / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise FirewallError(f"nftables error: lock {fw / LOCK_FILE}: {io_error_text(exc)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _transaction(self, *, setup_networks: tuple[NetworkFw, ...] = (),
+                     setup_ports: tuple[PortFw, ...] = (), teardown_ports: tuple[PortFw, ...] = (),
+                     teardown_networks: tuple[NetworkFw, ...] = (), reload: bool = False) -> None:
+        backend = self._get_backend()
+        with self._locked():
+            journal = _StateJournal()
+            try:
+                if reload:
+                    setup_networks, setup_ports = read_state(self.config_dir)
+                    if not (setup_networks or setup_ports):
+                        return
+                elif not self.rootless:
+                    self._update_state(journal, setup_networks, setup_ports, teardown_ports,
+                                       teardown_networks)
+                self._in_host(backend, partial(
+                    self._read_plan_apply, backend, setup_networks=setup_networks,
+                    setup_ports=setup_ports, teardown_ports=teardown_ports,
+                    teardown_networks=teardown_networks, skip_existing_port_rules=reload))
+            except BaseException:
+                journal.rollback()
+                raise
+
+    def _read_plan_apply(self, backend: _Backend, **plan_args: Any) -> None:
+        stats = CommitStats()
+        t0 = time.perf_counter()
+        raw = backend.list_table()
+        t1 = time.perf_counter()
+        with _gc_paused():
+            table = Table.from_json(raw)
+            cmds = plan_transaction(table, **plan_args)
+            payload = orjson.dumps({"nftables": cmds}) if cmds else b""
+        t2 = time.perf_counter()
+        if cmds:
+            backend.apply(payload)
+            with self._count_lock:
+                self.transactions += 1
+        t3 = time.perf_counter()
+        stats.read_s, stats.plan_s, stats.apply_s, stats.total_s = t1 - t0, t2 - t1, t3 - t2, t3 - t0
+        stats.rules_before, stats.commands = len(table), len(cmds)
+        self.last_stats = stats
+
+    def _update_state(self, journal: _StateJournal, setup_networks: Sequence[NetworkFw],
+                      setup_ports: Sequence[PortFw], teardown_ports: Sequence[PortFw],
+                      teardown_networks: Sequence[NetworkFw]) -> None:
+        fw = self.config_dir / FIREWALL_DIR
+        try:
+            for pf in teardown_ports:
+                journal.remove(fw / PORTS_DIR / f"{pf.network.network_id}_{pf.container_id}")
+            for net in teardown_networks:
+                journal.remove(fw / NETWORKS_DIR / net.network_id)
+            if setup_networks or setup_ports:
+                (fw / NETWORKS_DIR).mkdir(parents=True, exist_ok=True)
+                (fw / PORTS_DIR).mkdir(parents=True, exist_ok=True)
+                journal.write(fw / DRIVER_FILE, self.driver_name.encode())
+                dns_ports: dict[str, int] = {}
+                for pf in setup_ports:
+                    dns_ports.setdefault(pf.network.network_id, pf.dns_port)
+                nets = {n.network_id: n for n in setup_networks}
+                for pf in setup_ports:
+                    nets.setdefault(pf.network.network_id, pf.network)
+                for nid, net in nets.items():
+                    journal.write(fw / NETWORKS_DIR / nid,
+                                  json.dumps(network_state(net, dns_ports.get(nid, 53)),
+                                             separators=(",", ":")).encode(), only_if_missing=True)
+                for pf in setup_ports:
+                    journal.write(fw / PORTS_DIR / f"{pf.network.network_id}_{pf.container_id}",
+                                  json.dumps(port_state(pf), separators=(",", ":")).encode())
+        except OSError as exc:
+            raise FirewallError(f"write firewall config: {io_error_text(exc)}") from None
+
+
+class NoFirewall:
+    """Driver ``none``: no rules, no state files (netavark's ``fwnone``)."""
+
+    driver_name = "none"
+    log_message = LOG_NO_FIREWALL
+
+    def __init__(self, host_netns: Netns | None = None, config_dir: pathlib.Path | None = None, *,
+                 rootless: bool = False) -> None:
+        self.host_netns = host_netns
+        self.config_dir = config_dir
+        self.rootless = rootless
+        self.transactions = 0
+        self.last_stats = CommitStats()
+
+    async def commit(self, *, setup_networks: Sequence[NetworkFw] = (), setup_ports: Sequence[PortFw] = (),
+                     teardown_ports: Sequence[PortFw] = (), teardown_networks: Sequence[NetworkFw] = ()
+                     ) -> None:
+        return None
+
+    async def reload(self) -> None:
+        return None
+
+
+Firewall = NftablesFirewall | NoFirewall
+
+FIREWALL_DRIVERS = ("nftables", "iptables", "firewalld", "none")
+
+
+def firewall_driver(name: str | None, host_netns: Netns | None = None,
+                    config_dir: pathlib.Path | None = None, *, rootless: bool = False) -> Firewall:
+    """``--firewall-driver`` / ``NETAVARK_FW``: nftables (default) or none, case-insensitive.
+
+    ``iptables`` and ``firewalld`` are valid netavark names that asyncnet does not implement.
+    """
+    key = "nftables" if name is None or name == "" else name.lower()
+    if key not in FIREWALL_DRIVERS:
+        raise ConfigError(f"Must provide a valid firewall backend, got {name}")
+    if key == "none":
+        return NoFirewall(host_netns, config_dir, rootless=rootless)
+    if key != "nftables":
+        raise FirewallError(f"firewall driver {key} is not supported by asyncnet (use nftables or none)")
+    if config_dir is None:
+        raise ConfigError("the nftables firewall driver needs a config directory")
+    return NftablesFirewall(host_netns or Netns(None), config_dir, rootless=rootless)

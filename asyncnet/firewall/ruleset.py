@@ -1,0 +1,612 @@
+"""netavark's nftables ruleset as a pure function: (what the table holds, what changes) -> one batch.
+
+netavark 1.14 runs up to four driver calls per container, and each of them re-reads the table, decides
+what is missing and sends its own `nft -j -f -` batch. asyncnet computes the *same* ruleset for a whole
+engine call at once: :func:`plan_transaction` replays netavark's calls in memory, in netavark's order,
+against a model of the table that starts as the pre-read listing and is updated by every command the
+plan emits. So "add only if missing" sees what earlier parts of the same batch added (200 containers
+in one batch give exactly what 200 sequential netavark calls give), and deletions find their targets
+by handle in the pre-read listing. The result is a list of nftables JSON commands for ONE atomic
+transaction. No I/O here: ``firewall/nftables.py`` reads the table and applies the plan.
+
+The spec is ``netavark-nftables.md`` (section numbers below refer to it). Where netavark would fail a
+whole batch (deleting a chain that a stale rule still jumps to, deleting the same handle twice) the
+plan deletes the stale jump first / deletes each handle once; everything else is netavark's layout
+rule for rule, including its quirks (the v6 ``ff::/8`` masquerade prefix, DNS redirects inserted at
+the head for every gateway regardless of ``dns_enabled``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ..errors import ConfigError
+from ..types import IPAddress, IPNetwork, Isolation, PortMapping
+
+FAMILY = "inet"
+TABLE = "netavark"
+
+INPUT = "INPUT"
+FORWARD = "FORWARD"
+POSTROUTING = "POSTROUTING"
+PREROUTING = "PREROUTING"
+OUTPUT = "OUTPUT"
+DNAT_CHAIN = "NETAVARK-HOSTPORT-DNAT"
+SETMARK_CHAIN = "NETAVARK-HOSTPORT-SETMARK"
+ISOLATION1 = "NETAVARK-ISOLATION-1"
+ISOLATION2 = "NETAVARK-ISOLATION-2"
+ISOLATION3 = "NETAVARK-ISOLATION-3"
+
+#: (name, type, hook, priority) in netavark's creation order (§3)
+BASE_CHAINS: tuple[tuple[str, str, str, int], ...] = (
+    (INPUT, "filter", "input", 0),
+    (FORWARD, "filter", "forward", 0),
+    (POSTROUTING, "nat", "postrouting", 100),
+    (PREROUTING, "nat", "prerouting", -100),
+    (OUTPUT, "nat", "output", -100),
+)
+FIXED_CHAINS: tuple[str, ...] = (DNAT_CHAIN, SETMARK_CHAIN, ISOLATION1, ISOLATION2, ISOLATION3)
+MASK = 0x2000
+
+_T = {"family": FAMILY, "table": TABLE}
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+
+
+@dataclass(frozen=True)
+class NetworkFw:
+    """One non-internal bridge network as the firewall sees it (netavark's ``SetupNetwork``)."""
+
+    network_id: str
+    network_name: str
+    bridge: str
+    subnets: tuple[IPNetwork, ...]  # network order
+    gateways: tuple[IPAddress, ...]  # subnet order; netavark's dns_server_ips for the DNS redirect
+    isolation: Isolation = Isolation.NEVER
+
+
+@dataclass(frozen=True)
+class PortFw:
+    """One container on one network (netavark's ``PortForwardConfig``)."""
+
+    network: NetworkFw
+    container_id: str
+    container_name: str
+    ipv4: ipaddress.IPv4Interface | None
+    ipv6: ipaddress.IPv6Interface | None
+    port_mappings: tuple[PortMapping, ...] | None  # None: key absent; (): present but empty
+    dns_port: int = 53
+
+    def families(self) -> Iterable[tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, bool]]:
+        """(address, is_v6) for v4 then v6 — netavark's order for port rules."""
+        if self.ipv4 is not None:
+            yield self.ipv4, False
+        if self.ipv6 is not None:
+            yield self.ipv6, True
+
+
+def chain_name(network_id: str, subnet: IPNetwork, *, dnat: bool = False) -> str:
+    """``nv_<id8>_<mangled subnet>[_dnat]`` (§2)."""
+    mangled = str(subnet).replace(".", "_").replace(":", "-").replace("/", "_nm")
+    name = f"nv_{network_id[:8]}_{mangled}"
+    return name + "_dnat" if dnat else name
+
+
+def parse_host_ip(mapping: PortMapping) -> IPAddress | None:
+    """The daddr of a mapping, None for the wildcards; netavark's error text for garbage."""
+    if mapping.host_ip in ("", "0.0.0.0", "::"):
+        return None
+    try:
+        return ipaddress.ip_address(mapping.host_ip)
+    except ValueError:
+        raise ConfigError(
+            f'invalid host ip "{mapping.host_ip}" provided for port {mapping.host_port}') from None
+
+
+# --------------------------------------------------------------------------------------------------
+# the pre-read table
+
+
+@dataclass
+class Table:
+    """``nft -j list table inet netavark`` parsed: chains in listing order, rules with handles.
+
+    ``exists`` is False when nft said the table does not exist (which netavark treats as empty).
+    """
+
+    exists: bool = False
+    chains: dict[str, int | None] = field(default_factory=dict)  # name -> handle, listing order
+    rules: list[tuple[str, int, list[Any]]] = field(default_factory=list)  # (chain, handle, expr)
+
+    @classmethod
+    def from_json(cls, data: bytes | str | Mapping[str, Any] | None) -> Table:
+        """Accepts the raw listing (bytes/str), its parsed dict, or None for "no table"."""
+        if data is None:
+            return cls()
+        if isinstance(data, bytes | str):
+            if not data.strip():
+                return cls()
+            data = orjson.loads(data)
+        table = cls()
+        for obj in data.get("nftables", ()):  # type: ignore[union-attr]
+            if "rule" in obj:
+                r = obj["rule"]
+                if r.get("family") == FAMILY and r.get("table") == TABLE:
+                    table.rules.append((r["chain"], r["handle"], r["expr"]))
+            elif "chain" in obj:
+                c = obj["chain"]
+                if c.get("family") == FAMILY and c.get("table") == TABLE:
+                    table.chains[c["name"]] = c.get("handle")
+            elif "table" in obj:
+                t = obj["table"]
+                if t.get("family") == FAMILY and t.get("name") == TABLE:
+                    table.exists = True
+        return table
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+
+# --------------------------------------------------------------------------------------------------
+# expression builders (the exact JSON netavark sends, §4/§5)
+
+
+def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"left": left, "right": right, "op": op}}
+
+
+def _payload(protocol: str, fieldname: str) -> dict[str, Any]:
+    return {"payload": {"protocol": protocol, "field": fieldname}}
+
+
+def _meta(key: str) -> dict[str, Any]:
+    return {"meta": {"key": key}}
+
+
+def _jump(target: str) -> dict[str, Any]:
+    return {"jump": {"target": target}}
+
+
+def _family(addr: IPAddress | IPNetwork) -> str:
+    return "ip6" if addr.version == 6 else "ip"
+
+
+def _subnet_match(net: IPNetwork, fieldname: str, op: str = "==") -> dict[str, Any]:
+    return _match(_payload(_family(net), fieldname),
+                  {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}, op)
+
+
+def _ip_match(ip: IPAddress, fieldname: str) -> dict[str, Any]:
+    return _match(_payload(_family(ip), fieldname), str(ip))
+
+
+_ACCEPT: dict[str, Any] = {"accept": None}
+_DROP: dict[str, Any] = {"drop": None}
+_MASQ: dict[str, Any] = {"masquerade": None}
+_L4_TCP_UDP = _match(_meta("l4proto"), {"set": ["udp", "tcp"]})
+_TH_DPORT_53 = _match(_payload("th", "dport"), 53)
+_LOCALHOST = ipaddress.IPv4Address("127.0.0.1")
+_MCAST_V4 = ipaddress.ip_network("224.0.0.0/4")
+_MCAST_V6 = {"prefix": {"addr": "ff::", "len": 8}}  # netavark's bug, listed as ::/8 (§13)
+
+
+def _dport_match(m: PortMapping, port: int | None = None) -> dict[str, Any]:
+    if port is not None:
+        right: Any = port
+    elif m.range > 1:
+        right = {"range": [m.host_port, m.host_port + m.range - 1]}
+    else:
+        right = m.host_port
+    return _match(_payload(m.protocol, "dport"), right)
+
+
+def _dnat(ip: IPAddress, port: int) -> dict[str, Any]:
+    return {"dnat": {"addr": str(ip), "family": _family(ip), "port": port}}
+
+
+def port_rules(pf: PortFw, cip: ipaddress.IPv4Interface | ipaddress.IPv6Interface
+               ) -> list[tuple[str, list[Any]]]:
+    """§5.2 for one family: (chain, expr) in netavark's append order."""
+    if pf.port_mappings is None:
+        return []
+    ip = cip.ip
+    subnet = cip.network
+    v6 = ip.version == 6
+    dnat_chain = chain_name(pf.network.network_id, subnet, dnat=True)
+    out: list[tuple[str, list[Any]]] = []
+    for m in pf.port_mappings:
+        if m.host_ip == "0.0.0.0" and v6 or m.host_ip == "::" and not v6:
+            continue
+        host = parse_host_ip(m)
+        if host is not None and host.version != ip.version:
+            continue
+        daddr = [_ip_match(host, "daddr")] if host is not None else []
+        dport = _dport_match(m)
+        out.append((DNAT_CHAIN, [*daddr, dport, _jump(dnat_chain)]))
+        out.append((dnat_chain, [_subnet_match(subnet, "saddr"), *daddr, dport, _jump(SETMARK_CHAIN)]))
+        if not v6:
+            out.append((dnat_chain, [_ip_match(_LOCALHOST, "saddr"), *daddr, dport, _jump(SETMARK_CHAIN)]))
+        for i in range(m.count):
+            out.append((dnat_chain, [*daddr, _dport_match(m, m.host_port + i),
+                                     _dnat(ip, m.container_port + i)]))
+    return out
+
+
+def dns_rule(gateway: IPAddress, dns_port: int) -> list[Any]:
+    """§5.1: ``ip daddr GW meta l4proto { tcp, udp } th dport 53 dnat ip to GW:PORT``."""
+    return [_ip_match(gateway, "daddr"), _L4_TCP_UDP, _TH_DPORT_53, _dnat(gateway, dns_port)]
+
+
+# --------------------------------------------------------------------------------------------------
+# the mutable model the planner works on
+
+
+class _Index:
+    """What netavark's rule matchers look at, per chain: match right sides, first jump, statement kinds."""
+
+    __slots__ = ("strings", "prefixes", "numbers", "jumps", "kinds", "exprs")
+
+    def __init__(self) -> None:
+        self.strings: dict[str, dict[int, None]] = {}
+        self.prefixes: dict[tuple[str, int], dict[int, None]] = {}
+        self.numbers: dict[int, dict[int, None]] = {}
+        self.jumps: dict[str, dict[int, None]] = {}
+        self.kinds: dict[str, dict[int, None]] = {}
+        self.exprs: dict[bytes, dict[int, None]] | None = None  # built on first structural query
+
+    def _keys(self, expr: list[Any]) -> Iterable[tuple[dict[Any, dict[int, None]], Any]]:
+        jumped = False
+        for stmt in expr:
+            for kind, body in stmt.items():
+                yield self.kinds, kind
+                if kind == "match":
+                    right = body.get("right")
+                    if isinstance(right, str):
+                        yield self.strings, right
+                    elif isinstance(right, int) and not isinstance(right, bool):
+                        yield self.numbers, right
+                    elif isinstance(right, dict) and "prefix" in right:
+                        p = right["prefix"]
+                        if isinstance(p.get("addr"), str):
+                            yield self.prefixes, (p["addr"], p.get("len"))
+                elif kind == "jump" and not jumped:
+                    jumped = True  # netavark's jump matcher looks at the first jump only
+                    yield self.jumps, body.get("target")
+
+    def add(self, rid: int, expr: list[Any]) -> None:
+        for index, key in self._keys(expr):
+            index.setdefault(key, {})[rid] = None
+        if self.exprs is not None:
+            self.exprs.setdefault(_expr_key(expr), {})[rid] = None
+
+    def remove(self, rid: int, expr: list[Any]) -> None:
+        for index, key in self._keys(expr):
+            bucket = index.get(key)
+            if bucket is not None:
+                bucket.pop(rid, None)
+        if self.exprs is not None:
+            bucket = self.exprs.get(_expr_key(expr))
+            if bucket is not None:
+                bucket.pop(rid, None)
+
+
+def _expr_key(expr: list[Any]) -> bytes:
+    """Structural identity of a rule body (netavark compares chain + expr, ignoring the handle)."""
+    return orjson.dumps(expr, option=orjson.OPT_SORT_KEYS)
+
+
+class _Chain:
+    __slots__ = ("name", "rules", "_index")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.rules: dict[int, list[Any]] = {}  # rid -> expr; rid > 0: pre-read handle, < 0: added now
+        self._index: _Index | None = None
+
+    def index(self) -> _Index:
+        if self._index is None:
+            self._index = _Index()
+            for rid, expr in self.rules.items():
+                self._index.add(rid, expr)
+        return self._index
+
+    def structural(self) -> dict[bytes, dict[int, None]]:
+        index = self.index()
+        if index.exprs is None:
+            index.exprs = {}
+            for rid, expr in self.rules.items():
+                index.exprs.setdefault(_expr_key(expr), {})[rid] = None
+        return index.exprs
+
+    def add(self, rid: int, expr: list[Any]) -> None:
+        self.rules[rid] = expr
+        if self._index is not None:
+            self._index.add(rid, expr)
+
+    def remove(self, rid: int) -> None:
+        expr = self.rules.pop(rid)
+        if self._index is not None:
+            self._index.remove(rid, expr)
+
+    # netavark's matchers, evaluated on the live model
+    def has_string(self, s: str) -> bool:
+        return bool(self.index().strings.get(s))
+
+    def with_string(self, s: str) -> list[int]:
+        return list(self.index().strings.get(s, ()))
+
+    def with_prefix(self, addr: str, length: int) -> list[int]:
+        return list(self.index().prefixes.get((addr, length), ()))
+
+    def has_number(self, n: int) -> bool:
+        return bool(self.index().numbers.get(n))
+
+    def has_kind(self, kind: str) -> bool:
+        return bool(self.index().kinds.get(kind))
+
+    def jumping_to(self, target: str) -> list[int]:
+        return list(self.index().jumps.get(target, ()))
+
+    def equal_to(self, expr: list[Any]) -> list[int]:
+        return list(self.structural().get(_expr_key(expr), ()))
+
+
+class _Planner:
+    """Replays netavark's driver calls against the model, collecting one batch."""
+
+    def __init__(self, table: Table) -> None:
+        self.table_exists = table.exists
+        self.chains: dict[str, _Chain] = {name: _Chain(name) for name in table.chains}
+        self.rule_chain: dict[int, str] = {}
+        for chain, handle, expr in table.rules:
+            c = self.chains.get(chain)
+            if c is None:  # a listing always names the chain first; be lenient anyway
+                c = self.chains[chain] = _Chain(chain)
+            c.add(handle, expr)
+            self.rule_chain[handle] = chain
+        self._next_rid = -1
+        # teardown output, assembled by finish_teardown()
+        self._rule_deletes: dict[int, str] = {}  # handle -> chain, in order
+        self._chain_deletes: dict[str, None] = {}
+        self.teardown_cmds: list[dict[str, Any]] = []
+        self.setup_cmds: list[dict[str, Any]] = []
+
+    # -- model helpers ------------------------------------------------------------------------------
+
+    def chain(self, name: str) -> _Chain:
+        c = self.chains.get(name)
+        if c is None:
+            c = self.chains[name] = _Chain(name)  # a fixed chain the table does not have yet
+        return c
+
+    def _delete_rule(self, rid: int) -> None:
+        chain = self.rule_chain.pop(rid, None)
+        if chain is None:
+            return  # already deleted in this batch (netavark would send the handle twice and fail)
+        self.chains[chain].remove(rid)
+        if rid > 0:
+            self._rule_deletes[rid] = chain
+
+    def _delete_chain(self, name: str) -> None:
+        if name in self.chains and name not in self._chain_deletes:
+            self._chain_deletes[name] = None
+
+    def _add(self, chain: str, expr: list[Any], *, insert: bool = False) -> None:
+        rid = self._next_rid
+        self._next_rid -= 1
+        self.chains[chain].add(rid, expr)
+        self.rule_chain[rid] = chain
+        self.setup_cmds.append({"insert" if insert else "add": {"rule": {**_T, "chain": chain, "expr": expr}}})
+
+    def _add_chain(self, name: str) -> None:
+        self.chains[name] = _Chain(name)
+        self.setup_cmds.append({"add": {"chain": {**_T, "name": name}}})
+
+    # -- teardown (§7) ------------------------------------------------------------------------------
+
+    def teardown_port_forward(self, pf: PortFw, complete: bool) -> None:
+        for cip, _v6 in pf.families():
+            for chain, expr in port_rules(pf, cip):
+                c = self.chains.get(chain)
+                if c is None:
+                    continue
+                for rid in c.equal_to(expr):
+                    if rid > 0:
+                        self._delete_rule(rid)
+        if complete:
+            self._teardown_dns_and_dnat_chains(pf.network,
+                                               [cip.network for cip, _v6 in pf.families()])
+
+    def _teardown_dns_and_dnat_chains(self, net: NetworkFw, subnets: Iterable[IPNetwork]) -> None:
+        dnat = self.chains.get(DNAT_CHAIN)
+        if dnat is not None:
+            for gw in net.gateways:
+                for rid in dnat.with_string(str(gw)):
+                    self._delete_rule(rid)
+        for subnet in subnets:
+            self._delete_chain(chain_name(net.network_id, subnet, dnat=True))
+
+    def teardown_network(self, net: NetworkFw) -> None:
+        for subnet in net.subnets:
+            key = (str(subnet.network_address), subnet.prefixlen)
+            for name in (INPUT, FORWARD, POSTROUTING):
+                c = self.chains.get(name)
+                if c is not None:
+                    for rid in c.with_prefix(*key):
+                        self._delete_rule(rid)
+            self._delete_chain(chain_name(net.network_id, subnet))
+        for name in (ISOLATION1, ISOLATION2, ISOLATION3):
+            c = self.chains.get(name)
+            if c is not None:
+                for rid in c.with_string(net.bridge):
+                    self._delete_rule(rid)
+        # asyncnet: the network is gone, so its DNS redirects and _dnat chains go too, even when no
+        # container entry asked for a complete port teardown (netavark always pairs the two calls)
+        self._teardown_dns_and_dnat_chains(net, net.subnets)
+
+    def finish_teardown(self) -> None:
+        """Emit rule deletes, then chain deletes (a chain still jumped to cannot go: EBUSY, §13)."""
+        for name in self._chain_deletes:
+            # a stale jump into a chain we delete would fail the whole batch: delete it first. netavark
+            # only jumps to nv_* chains from POSTROUTING (subnet chains) and the DNAT chain (_dnat)
+            for other in (POSTROUTING, DNAT_CHAIN):
+                c = self.chains.get(other)
+                if c is not None and other not in self._chain_deletes:
+                    for rid in c.jumping_to(name):
+                        self._delete_rule(rid)
+        for handle, chain in self._rule_deletes.items():
+            if chain in self._chain_deletes:
+                continue  # goes with its chain
+            self.teardown_cmds.append({"delete": {"rule": {**_T, "chain": chain, "handle": handle}}})
+        for name in self._chain_deletes:
+            c = self.chains.pop(name)
+            for rid in list(c.rules):
+                self.rule_chain.pop(rid, None)
+            self.teardown_cmds.append({"delete": {"chain": {**_T, "name": name}}})
+        self._rule_deletes.clear()
+        self._chain_deletes.clear()
+
+    # -- setup (§4, §5) -----------------------------------------------------------------------------
+
+    def preamble(self) -> None:
+        self.setup_cmds.append({"add": {"table": {"family": FAMILY, "name": TABLE}}})
+        for name, ctype, hook, prio in BASE_CHAINS:
+            self.setup_cmds.append({"add": {"chain": {**_T, "name": name, "type": ctype, "hook": hook,
+                                                      "prio": prio, "policy": "accept"}}})
+            self.chain(name)
+        for name in FIXED_CHAINS:
+            self.setup_cmds.append({"add": {"chain": {**_T, "name": name}}})
+            self.chain(name)
+        self.table_exists = True
+
+    def setup_network(self, net: NetworkFw) -> None:
+        c = self.chains
+        if not c[POSTROUTING].has_number(MASK):
+            self._add(POSTROUTING, [_match({"&": [_meta("mark"), MASK]}, MASK), _MASQ])
+        if not c[SETMARK_CHAIN].has_kind("mangle"):
+            self._add(SETMARK_CHAIN, [{"mangle": {"key": _meta("mark"),
+                                                  "value": {"|": [_meta("mark"), MASK]}}}])
+        fib_jump = [_match({"fib": {"result": "type", "flags": ["daddr"]}}, "local"), _jump(DNAT_CHAIN)]
+        if not c[PREROUTING].jumping_to(DNAT_CHAIN):
+            self._add(PREROUTING, fib_jump)
+        if not c[OUTPUT].jumping_to(DNAT_CHAIN):
+            self._add(OUTPUT, fib_jump)
+        if not c[FORWARD].has_kind("drop"):
+            self._add(FORWARD, [_match({"ct": {"key": "state"}}, "invalid", "in"), _DROP])
+        if not c[FORWARD].jumping_to(ISOLATION1):
+            self._add(FORWARD, [_jump(ISOLATION1)])
+        br = net.bridge
+        oif_drop = [_match(_meta("oifname"), br), _DROP]
+        if net.isolation in (Isolation.NORMAL, Isolation.STRICT):
+            target = ISOLATION3 if net.isolation is Isolation.STRICT else ISOLATION2
+            if not c[ISOLATION1].has_string(br):
+                self._add(ISOLATION1, [_match(_meta("iifname"), br), _match(_meta("oifname"), br, "!="),
+                                       _jump(target)])
+            if not c[ISOLATION2].has_string(br):
+                self._add(ISOLATION2, oif_drop)
+        elif not c[ISOLATION3].has_string(br):
+            self._add(ISOLATION3, oif_drop, insert=True)
+        if not c[ISOLATION3].jumping_to(ISOLATION2):
+            self._add(ISOLATION3, [_jump(ISOLATION2)])
+
+        for subnet in net.subnets:
+            name = chain_name(net.network_id, subnet)
+            if name in c:
+                continue  # §4: an existing chain means "this subnet is done" (even if half-built)
+            self._add_chain(name)
+            self._add(name, [_subnet_match(subnet, "daddr"), _ACCEPT])
+            if subnet.version == 4:
+                self._add(name, [_subnet_match(_MCAST_V4, "daddr", "!="), _MASQ])
+            else:
+                self._add(name, [_match(_payload("ip6", "daddr"), _MCAST_V6, "!="), _MASQ])
+            self._add(INPUT, [_subnet_match(subnet, "saddr"), _L4_TCP_UDP, _TH_DPORT_53, _ACCEPT])
+            self._add(FORWARD, [_subnet_match(subnet, "daddr"),
+                                _match({"ct": {"key": "state"}}, ["established", "related"], "in"), _ACCEPT])
+            self._add(FORWARD, [_subnet_match(subnet, "saddr"), _ACCEPT])
+            self._add(POSTROUTING, [_subnet_match(subnet, "saddr"), _jump(name)])
+
+    def setup_port_forward(self, pf: PortFw, *, skip_existing: bool = False) -> None:
+        if pf.dns_port != 53:
+            dnat = self.chains[DNAT_CHAIN]
+            for gw in pf.network.gateways:
+                if dnat.has_string(str(gw)):
+                    continue
+                if (pf.ipv6 if gw.version == 6 else pf.ipv4) is None:
+                    continue
+                self._add(DNAT_CHAIN, dns_rule(gw, pf.dns_port), insert=True)
+        if pf.port_mappings is None:
+            return
+        for cip, _v6 in pf.families():
+            rules = port_rules(pf, cip)  # validates host_ip before anything is emitted for this family
+            name = chain_name(pf.network.network_id, cip.network, dnat=True)
+            if name not in self.chains:
+                self._add_chain(name)
+            for chain, expr in rules:
+                if skip_existing and self.chains[chain].equal_to(expr):
+                    continue
+                self._add(chain, expr)
+
+    def commands(self) -> list[dict[str, Any]]:
+        return self.teardown_cmds + self.setup_cmds
+
+
+def plan_transaction(
+    table: Table | Mapping[str, Any] | bytes | str | None,
+    *,
+    setup_networks: Sequence[NetworkFw] = (),
+    setup_ports: Sequence[PortFw] = (),
+    teardown_ports: Sequence[PortFw] = (),
+    teardown_networks: Sequence[NetworkFw] = (),
+    skip_existing_port_rules: bool = False,
+) -> list[dict[str, Any]]:
+    """The nftables JSON commands of ONE transaction (without the ``{"nftables": …}`` wrapper).
+
+    Equivalent to netavark running, in order: ``teardown_port_forward`` for each ``teardown_ports``
+    entry (complete when its network is in ``teardown_networks``), ``teardown_network`` for each
+    ``teardown_networks`` entry, then for each ``setup_ports`` entry ``setup_network`` of its network
+    (the first time that network is met, if it is in ``setup_networks``) followed by
+    ``setup_port_forward`` — netavark's per-container order. Networks in ``setup_networks`` with no
+    port entry are set up first, in order. Every "only if missing" test sees the pre-read ``table``
+    plus/minus what earlier parts of this batch did. Deletions come first in the batch (rules, then
+    the chains they jumped to), then the setup commands in netavark's order.
+
+    ``skip_existing_port_rules`` (used by firewall-reload) does not add a port rule that already exists
+    in its chain, which makes a replay of the state files idempotent; netavark would duplicate them.
+    Raises :class:`ConfigError` for an unparsable ``host_ip`` (before any command is produced).
+    """
+    parsed = table if isinstance(table, Table) else Table.from_json(table)
+    for pf in (*setup_ports, *teardown_ports):
+        for m in pf.port_mappings or ():
+            parse_host_ip(m)
+    p = _Planner(parsed)
+
+    torn = {n.network_id for n in teardown_networks}
+    for pf in teardown_ports:
+        p.teardown_port_forward(pf, pf.network.network_id in torn)
+    for net in teardown_networks:
+        p.teardown_network(net)
+    p.finish_teardown()
+
+    if setup_networks or setup_ports:
+        p.preamble()
+        by_id = {n.network_id: n for n in setup_networks}
+        with_ports = {pf.network.network_id for pf in setup_ports}
+        done: set[str] = set()
+        for net in setup_networks:
+            if net.network_id not in with_ports and net.network_id not in done:
+                p.setup_network(net)
+                done.add(net.network_id)
+        for pf in setup_ports:
+            nid = pf.network.network_id
+            if nid in by_id and nid not in done:
+                p.setup_network(by_id[nid])
+                done.add(nid)
+            p.setup_port_forward(pf, skip_existing=skip_existing_port_rules)
+    return p.commands()
