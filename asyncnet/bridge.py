@@ -9,16 +9,20 @@ goes on with the object the winner made, after checking it is of the right kind.
 from __future__ import annotations
 
 import errno
+import fcntl
+import socket
+import struct
 from dataclasses import dataclass
 
 from .errors import AsyncnetError, NetlinkOpError, netlink_error_text
-from .netlink import Netlink
+from .netlink import IFF_UP, Netlink
 from .netns import run_in_netns
 from .plan import Attachment, bridge_sysctls, container_sysctls, random_mac
 from .sysctl import write_sysctls_sync
 from .types import Network
 
-LOOPBACK_IFINDEX = 1  # fixed by the kernel in every namespace
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
 
 
 @dataclass(frozen=True)
@@ -70,40 +74,77 @@ async def _vrf_index(host: Netlink, vrf: str) -> int:
     return int(link["index"])
 
 
-async def attach(host: Netlink, ctr: Netlink, ctr_fd: int, att: Attachment, bridge: BridgeHandle, *,
-                 hairpin: bool) -> None:
-    """veth with its peer created directly in the container, then the container side configured.
+async def create_veths(host: Netlink, ctr_fd: int, atts: list[Attachment], bridges: dict[str, BridgeHandle],
+                       *, hairpin: bool, created: list[str]) -> None:
+    """One request per network: the veth with its peer created directly in the container, host end up.
 
-    On failure the caller deletes ``att.host_veth`` (which takes the peer with it).
+    Names go into ``created`` before the request, so a rollback also covers a request whose answer was
+    lost to a cancellation.
     """
-    try:
-        await host.create_veth(att.host_veth, bridge_index=bridge.index, mtu=att.network.bridge.mtu,
-                               peer_name=att.ifname, peer_netns_fd=ctr_fd, peer_mac=att.mac, hairpin=hairpin)
-    except NetlinkOpError as exc:
-        if exc.code == errno.EEXIST:
-            if await ctr.get_link(att.ifname) is not None:
+    for att in atts:
+        created.append(att.host_veth)
+        try:
+            await host.create_veth(att.host_veth, bridge_index=bridges[att.bridge].index,
+                                   mtu=att.network.bridge.mtu, peer_name=att.ifname, peer_netns_fd=ctr_fd,
+                                   peer_mac=att.mac, hairpin=hairpin and not att.network.internal)
+        except NetlinkOpError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+            created.pop()  # not ours: must not be rolled back
+            if await run_in_netns(ctr_fd, lambda name=att.ifname: _ifindex(name)) is not None:
                 raise NetlinkOpError(
                     f"create veth pair: interface {att.ifname} already exists on container namespace: "
                     f"{netlink_error_text(errno.EEXIST)}", code=errno.EEXIST) from None
-            if await host.get_link(att.host_veth) is not None:
-                raise NetlinkOpError(
-                    f"create veth pair: host interface {att.host_veth} already exists (container "
-                    f"{att.container_id} is already attached to network {att.network.name}): "
-                    f"{netlink_error_text(errno.EEXIST)}", code=errno.EEXIST) from None
-        raise
-    link = await ctr.get_link(att.ifname)
-    if link is None:
-        raise NetlinkOpError(f"get container interface {att.ifname}: {netlink_error_text(errno.ENODEV)}",
-                             code=errno.ENODEV)
-    index = int(link["index"])
-    await run_in_netns(ctr_fd, lambda: write_sysctls_sync(container_sysctls(att)))
-    for addr in att.addresses:
-        await ctr.add_address(index, addr, "add ip addr")
-    await ctr.set_up(index, "set container interface up")
-    for route in att.routes:
-        await ctr.add_route(index=index, destination=route.destination, gateway=route.gateway,
-                            metric=route.metric, context=f"add route {route.destination} via {route.gateway}")
+            raise NetlinkOpError(
+                f"create veth pair: host interface {att.host_veth} already exists (container "
+                f"{att.container_id} is already attached to network {att.network.name}): "
+                f"{netlink_error_text(errno.EEXIST)}", code=errno.EEXIST) from None
 
 
-async def loopback_up(ctr: Netlink) -> None:
-    await ctr.set_up(LOOPBACK_IFINDEX, "set lo up")
+def prepare_container_sync(atts: list[Attachment]) -> dict[str, int]:
+    """Runs inside the container namespace (worker thread): sysctls, lo and the new interfaces up, and
+    their ifindexes — plain syscalls that would otherwise cost three netlink round trips per container.
+    """
+    write_sysctls_sync([w for att in atts for w in container_sysctls(att)])
+    indexes: dict[str, int] = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        _set_up(sock, "lo")
+        for att in atts:
+            index = _ifindex(att.ifname)
+            if index is None:
+                raise NetlinkOpError(f"get container interface {att.ifname}: "
+                                     f"{netlink_error_text(errno.ENODEV)}", code=errno.ENODEV)
+            indexes[att.ifname] = index
+            _set_up(sock, att.ifname)
+    return indexes
+
+
+def _ifindex(name: str) -> int | None:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
+
+
+def _set_up(sock: socket.socket, name: str) -> None:
+    try:
+        req = struct.pack("16sH22x", name.encode(), 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(sock, SIOCGIFFLAGS, req))[1]
+        if not flags & IFF_UP:
+            fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", name.encode(), flags | IFF_UP))
+    except OSError as exc:
+        code = exc.errno or errno.EIO
+        raise NetlinkOpError(f"set {name} up: {netlink_error_text(code)}", code=code) from None
+
+
+async def configure_container(ctr: Netlink, atts: list[Attachment], indexes: dict[str, int]) -> None:
+    """Addresses, then default and static routes (routes need the on-link addresses first)."""
+    for att in atts:
+        index = indexes[att.ifname]
+        for addr in att.addresses:
+            await ctr.add_address(index, addr, "add ip addr")
+    for att in atts:
+        index = indexes[att.ifname]
+        for route in att.routes:
+            await ctr.add_route(index=index, destination=route.destination, gateway=route.gateway,
+                                metric=route.metric, context=f"add route {route.destination} via {route.gateway}")

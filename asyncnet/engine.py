@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 
-from .bridge import BridgeHandle, attach, ensure_bridge, loopback_up
+from .bridge import BridgeHandle, configure_container, create_veths, ensure_bridge, prepare_container_sync
 from .dns import Aardvark, DnsEntry, DnsNetwork
 from .errors import AsyncnetError, ConfigError, NetlinkOpError, combine
 from .firewall.nftables import firewall_driver
@@ -227,20 +227,21 @@ class Engine:
 
     async def _setup_container(self, w: _Work, bridges: dict[str, BridgeHandle]) -> None:
         assert w.fd is not None
-        hairpin = w.container.options.port_mappings is not None and bool(w.container.options.port_mappings)
-        ctr = await Netlink.open(w.fd)
+        fd = w.fd
+        mappings = w.container.options.port_mappings
+        ctr: Netlink | None = None
         try:
-            await loopback_up(ctr)
-            for att in w.attachments:
-                w.created_veths.append(att.host_veth)
-                await attach(self.host, ctr, w.fd, att, bridges[att.bridge],
-                             hairpin=hairpin and not att.network.internal)
+            await create_veths(self.host, fd, w.attachments, bridges, hairpin=bool(mappings),
+                               created=w.created_veths)
+            ctr, indexes = await Netlink.open_with(fd, lambda: prepare_container_sync(w.attachments))
+            await configure_container(ctr, w.attachments, indexes)
         except AsyncnetError as exc:
             w.result.error = exc
             with anyio.CancelScope(shield=True):
                 await self._delete_veths(w)
         finally:
-            ctr.close()
+            if ctr is not None:
+                ctr.close()
 
     async def _delete_veths(self, w: _Work) -> None:
         """Rollback of one container: the host end takes the peer with it. ENODEV = never made."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -51,14 +52,33 @@ class Netlink:
 
     @classmethod
     async def open(cls, netns_fd: int | None) -> Netlink:
-        fd = await run_in_netns(netns_fd, _new_route_socket)
+        nl, _ = await cls.open_with(netns_fd, lambda: None)
+        return nl
+
+    @classmethod
+    async def open_with(cls, netns_fd: int | None, also: Callable[[], T]) -> tuple[Netlink, T]:
+        """Open the socket and run ``also`` in the same worker-thread visit to the namespace.
+
+        The thread hop, not the socket, is the cost: callers fold their other in-namespace work (sysctls,
+        ifindex lookups) into it.
+        """
+
+        def body() -> tuple[int, T]:
+            fd = _new_route_socket()
+            try:
+                return fd, also()
+            except BaseException:
+                os.close(fd)
+                raise
+
+        fd, value = await run_in_netns(netns_fd, body)
         ipr = AsyncIPRoute(fileno=fd)
         try:
             await ipr.setup_endpoint()
         except BaseException:
             ipr.close()
             raise
-        return cls(ipr)
+        return cls(ipr), value
 
     def close(self) -> None:
         self.ipr.close()
