@@ -288,7 +288,7 @@ class Engine:
                     localnet.add(a.bridge)
         if nets:
             await self.firewall.commit(setup_networks=list(nets.values()), setup_ports=ports)
-        if localnet and self.firewall.enabled:
+        if localnet and self.firewall.driver_name != "none":
             writes = [(f"net/ipv4/conf/{br}/route_localnet", "1", False) for br in sorted(localnet)]
             await run_in_netns(self._host_fd, lambda: write_sysctls_sync(writes))
         entries = [dns_entry(w.container.options, a) for w in done for a in w.attachments
