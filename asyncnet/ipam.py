@@ -100,11 +100,12 @@ class SubnetPool:
     """Allocation state of one subnet of one network: who holds which address, and the round-robin cursor.
 
     ``taken`` is everything already allocated in the subnet (static or not, inside the lease range or
-    not); a container holds at most one address per subnet. The pool remembers its initial contents so
+    not; addresses outside the subnet are ignored, integer keys must be of the subnet's IP version); a
+    container holds at most one address per subnet. The pool remembers its initial contents so
     that the caller can write back only what changed (:meth:`changes`).
     """
 
-    def __init__(self, subnet: Subnet, network: str, taken: Mapping[IPAddress, Holder] | None = None,
+    def __init__(self, subnet: Subnet, network: str, taken: Mapping[IPAddress | int, Holder] | None = None,
                  cursor: IPAddress | None = None) -> None:
         self.subnet = subnet
         self.network = network
@@ -117,9 +118,16 @@ class SubnetPool:
         self._held: dict[str, int] = {}  # container id -> its address here
         self._in_range = 0  # taken addresses the allocator could otherwise pick
         lo, hi = int(subnet.subnet.network_address), int(subnet.subnet.broadcast_address)
+        version = subnet.subnet.version
         for ip, holder in (taken or {}).items():
-            if ip.version == subnet.subnet.version and lo <= int(ip) <= hi:
-                self._set(int(ip), holder)
+            if isinstance(ip, int):
+                pos = ip
+            elif ip.version == version:
+                pos = int(ip)
+            else:
+                continue
+            if lo <= pos <= hi:
+                self._set(pos, holder)
         self.initial: dict[int, Holder] = dict(self._holders)
         self.cursor: int | None = None if cursor is None else int(cursor)
 
