@@ -18,7 +18,9 @@ the head for every gateway regardless of ``dns_enabled``).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,6 +126,9 @@ class Table:
     exists: bool = False
     chains: dict[str, int | None] = field(default_factory=dict)  # name -> handle, listing order
     rules: list[tuple[str, int, list[Any]]] = field(default_factory=list)  # (chain, handle, expr)
+    #: chains whose rules were read; None = all of them (a whole-table listing). A partial read is
+    #: what :func:`chains_to_read` asked for; the planner refuses to look into any other chain.
+    loaded: set[str] | None = None
 
     @classmethod
     def from_json(cls, data: bytes | str | Mapping[str, Any] | None) -> Table:
@@ -135,6 +140,16 @@ class Table:
                 return cls()
             data = orjson.loads(data)
         table = cls()
+        table.merge_json(data)
+        return table
+
+    def merge_json(self, data: bytes | str | Mapping[str, Any]) -> None:
+        """Add the objects of another listing (``list chains``, ``list chain …``) to this model."""
+        if isinstance(data, bytes | str):
+            if not data.strip():
+                return
+            data = orjson.loads(data)
+        table = self
         for obj in data.get("nftables", ()):  # type: ignore[union-attr]
             if "rule" in obj:
                 r = obj["rule"]
@@ -144,11 +159,11 @@ class Table:
                 c = obj["chain"]
                 if c.get("family") == FAMILY and c.get("table") == TABLE:
                     table.chains[c["name"]] = c.get("handle")
+                    table.exists = True
             elif "table" in obj:
                 t = obj["table"]
                 if t.get("family") == FAMILY and t.get("name") == TABLE:
                     table.exists = True
-        return table
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -207,19 +222,35 @@ def _dport_match(m: PortMapping, port: int | None = None) -> dict[str, Any]:
     return _match(_payload(m.protocol, "dport"), right)
 
 
+_JUMP_SETMARK = _jump(SETMARK_CHAIN)
+_SADDR_LOCALHOST = _ip_match(_LOCALHOST, "saddr")
+
+
+@functools.lru_cache(maxsize=4096)
+def _chain_name_cached(network_id: str, subnet: IPNetwork, dnat: bool) -> str:
+    return chain_name(network_id, subnet, dnat=dnat)
+
+
 def _dnat(ip: IPAddress, port: int) -> dict[str, Any]:
     return {"dnat": {"addr": str(ip), "family": _family(ip), "port": port}}
 
 
 def port_rules(pf: PortFw, cip: ipaddress.IPv4Interface | ipaddress.IPv6Interface
                ) -> list[tuple[str, list[Any]]]:
-    """§5.2 for one family: (chain, expr) in netavark's append order."""
+    """§5.2 for one family: (chain, expr) in netavark's append order.
+
+    Statement dicts shared between rules are built once per container (1000 containers x 2 ports is
+    8000 rules; the planner must stay a small fraction of the nft apply time). They are never mutated.
+    """
     if pf.port_mappings is None:
         return []
     ip = cip.ip
-    subnet = cip.network
     v6 = ip.version == 6
-    dnat_chain = chain_name(pf.network.network_id, subnet, dnat=True)
+    fam = "ip6" if v6 else "ip"
+    ip_text = str(ip)
+    dnat_chain = _chain_name_cached(pf.network.network_id, cip.network, True)
+    jump_dnat = _jump(dnat_chain)
+    saddr_subnet = _subnet_match(cip.network, "saddr")
     out: list[tuple[str, list[Any]]] = []
     for m in pf.port_mappings:
         if m.host_ip == "0.0.0.0" and v6 or m.host_ip == "::" and not v6:
@@ -229,13 +260,17 @@ def port_rules(pf: PortFw, cip: ipaddress.IPv4Interface | ipaddress.IPv6Interfac
             continue
         daddr = [_ip_match(host, "daddr")] if host is not None else []
         dport = _dport_match(m)
-        out.append((DNAT_CHAIN, [*daddr, dport, _jump(dnat_chain)]))
-        out.append((dnat_chain, [_subnet_match(subnet, "saddr"), *daddr, dport, _jump(SETMARK_CHAIN)]))
+        out.append((DNAT_CHAIN, [*daddr, dport, jump_dnat]))
+        out.append((dnat_chain, [saddr_subnet, *daddr, dport, _JUMP_SETMARK]))
         if not v6:
-            out.append((dnat_chain, [_ip_match(_LOCALHOST, "saddr"), *daddr, dport, _jump(SETMARK_CHAIN)]))
+            out.append((dnat_chain, [_SADDR_LOCALHOST, *daddr, dport, _JUMP_SETMARK]))
+        if m.count == 1:
+            out.append((dnat_chain, [*daddr, dport if m.range <= 1 else _dport_match(m, m.host_port),
+                                     {"dnat": {"addr": ip_text, "family": fam, "port": m.container_port}}]))
+            continue
         for i in range(m.count):
             out.append((dnat_chain, [*daddr, _dport_match(m, m.host_port + i),
-                                     _dnat(ip, m.container_port + i)]))
+                                     {"dnat": {"addr": ip_text, "family": fam, "port": m.container_port + i}}]))
     return out
 
 
@@ -259,7 +294,7 @@ class _Index:
         self.numbers: dict[int, dict[int, None]] = {}
         self.jumps: dict[str, dict[int, None]] = {}
         self.kinds: dict[str, dict[int, None]] = {}
-        self.exprs: dict[bytes, dict[int, None]] | None = None  # built on first structural query
+        self.exprs: dict[Any, dict[int, None]] | None = None  # by _bucket(), built on first use
 
     def _keys(self, expr: list[Any]) -> Iterable[tuple[dict[Any, dict[int, None]], Any]]:
         jumped = False
@@ -284,7 +319,7 @@ class _Index:
         for index, key in self._keys(expr):
             index.setdefault(key, {})[rid] = None
         if self.exprs is not None:
-            self.exprs.setdefault(_expr_key(expr), {})[rid] = None
+            self.exprs.setdefault(_bucket(expr), {})[rid] = None
 
     def remove(self, rid: int, expr: list[Any]) -> None:
         for index, key in self._keys(expr):
@@ -292,37 +327,56 @@ class _Index:
             if bucket is not None:
                 bucket.pop(rid, None)
         if self.exprs is not None:
-            bucket = self.exprs.get(_expr_key(expr))
+            bucket = self.exprs.get(_bucket(expr))
             if bucket is not None:
                 bucket.pop(rid, None)
 
 
-def _expr_key(expr: list[Any]) -> bytes:
-    """Structural identity of a rule body (netavark compares chain + expr, ignoring the handle)."""
-    return orjson.dumps(expr, option=orjson.OPT_SORT_KEYS)
+def _bucket(expr: list[Any]) -> Any:
+    """A cheap pre-key for structural equality: the first ``… dport`` match's right side.
+
+    netavark compares chain + expr (order-insensitive for objects, like ``==`` on dicts). Port rules
+    always match a dport, so bucketing by it keeps the comparisons per query to a handful of rules
+    instead of serialising thousands of rules to compare them.
+    """
+    for stmt in expr:
+        m = stmt.get("match")
+        if m is not None:
+            left = m.get("left")
+            if isinstance(left, dict):
+                p = left.get("payload")
+                if isinstance(p, dict) and p.get("field") == "dport":
+                    right = m.get("right")
+                    if isinstance(right, dict) and isinstance(right.get("range"), list):
+                        return tuple(right["range"])
+                    return right if isinstance(right, int | str) else None
+    return None
 
 
 class _Chain:
-    __slots__ = ("name", "rules", "_index")
+    __slots__ = ("name", "rules", "_index", "loaded")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, loaded: bool = True) -> None:
         self.name = name
         self.rules: dict[int, list[Any]] = {}  # rid -> expr; rid > 0: pre-read handle, < 0: added now
         self._index: _Index | None = None
+        self.loaded = loaded  # False: the chain exists but its rules were not read
 
     def index(self) -> _Index:
+        if not self.loaded:
+            raise AssertionError(f"planner bug: chain {self.name} was not read (see chains_to_read)")
         if self._index is None:
             self._index = _Index()
             for rid, expr in self.rules.items():
                 self._index.add(rid, expr)
         return self._index
 
-    def structural(self) -> dict[bytes, dict[int, None]]:
+    def structural(self) -> dict[Any, dict[int, None]]:
         index = self.index()
         if index.exprs is None:
             index.exprs = {}
             for rid, expr in self.rules.items():
-                index.exprs.setdefault(_expr_key(expr), {})[rid] = None
+                index.exprs.setdefault(_bucket(expr), {})[rid] = None
         return index.exprs
 
     def add(self, rid: int, expr: list[Any]) -> None:
@@ -355,7 +409,8 @@ class _Chain:
         return list(self.index().jumps.get(target, ()))
 
     def equal_to(self, expr: list[Any]) -> list[int]:
-        return list(self.structural().get(_expr_key(expr), ()))
+        rules = self.rules
+        return [rid for rid in self.structural().get(_bucket(expr), ()) if rules[rid] == expr]
 
 
 class _Planner:
@@ -363,7 +418,9 @@ class _Planner:
 
     def __init__(self, table: Table) -> None:
         self.table_exists = table.exists
-        self.chains: dict[str, _Chain] = {name: _Chain(name) for name in table.chains}
+        loaded = table.loaded
+        self.chains: dict[str, _Chain] = {name: _Chain(name, loaded is None or name in loaded)
+                                          for name in table.chains}
         self.rule_chain: dict[int, str] = {}
         for chain, handle, expr in table.rules:
             c = self.chains.get(chain)
@@ -412,6 +469,13 @@ class _Planner:
     # -- teardown (§7) ------------------------------------------------------------------------------
 
     def teardown_port_forward(self, pf: PortFw, complete: bool) -> None:
+        if complete:
+            # the container's _dnat chains are deleted whole, and finish_teardown() removes every
+            # DNAT jump into them: the same rules netavark's structural match would find, without
+            # reading the _dnat chains (thousands of rules for a big network)
+            self._teardown_dns_and_dnat_chains(pf.network,
+                                               [cip.network for cip, _v6 in pf.families()])
+            return
         for cip, _v6 in pf.families():
             for chain, expr in port_rules(pf, cip):
                 c = self.chains.get(chain)
@@ -420,9 +484,6 @@ class _Planner:
                 for rid in c.equal_to(expr):
                     if rid > 0:
                         self._delete_rule(rid)
-        if complete:
-            self._teardown_dns_and_dnat_chains(pf.network,
-                                               [cip.network for cip, _v6 in pf.families()])
 
     def _teardown_dns_and_dnat_chains(self, net: NetworkFw, subnets: Iterable[IPNetwork]) -> None:
         dnat = self.chains.get(DNAT_CHAIN)
@@ -557,6 +618,44 @@ class _Planner:
         return self.teardown_cmds + self.setup_cmds
 
 
+SMALL_FIXED_CHAINS = (INPUT, FORWARD, POSTROUTING, PREROUTING, OUTPUT, SETMARK_CHAIN,
+                      ISOLATION1, ISOLATION2, ISOLATION3)
+
+
+def chains_to_read(
+    *,
+    setup_networks: Sequence[NetworkFw] = (),
+    setup_ports: Sequence[PortFw] = (),
+    teardown_ports: Sequence[PortFw] = (),
+    teardown_networks: Sequence[NetworkFw] = (),
+    skip_existing_port_rules: bool = False,
+) -> set[str]:
+    """The chains whose rules :func:`plan_transaction` will inspect for these arguments.
+
+    Every other chain only needs to be known by name. With 1000 containers the big chains are the DNAT
+    chain (one jump per port) and the ``_dnat`` chains (3-4 rules per port); a setup on port 53 never
+    looks into them, so an incremental setup reads a few small chains instead of thousands of rules.
+    """
+    need: set[str] = set()
+    if setup_networks or setup_ports or teardown_networks:
+        need.update(SMALL_FIXED_CHAINS)
+    if (teardown_networks or teardown_ports
+            or any(pf.dns_port != 53 and pf.network.gateways for pf in setup_ports)
+            or skip_existing_port_rules and any(pf.port_mappings is not None for pf in setup_ports)):
+        need.add(DNAT_CHAIN)
+    torn = {n.network_id for n in teardown_networks}
+    for pf in teardown_ports:
+        if pf.port_mappings and pf.network.network_id not in torn:
+            need.update(_chain_name_cached(pf.network.network_id, cip.network, True)
+                        for cip, _v6 in pf.families())
+    if skip_existing_port_rules:
+        for pf in setup_ports:
+            if pf.port_mappings:
+                need.update(_chain_name_cached(pf.network.network_id, cip.network, True)
+                            for cip, _v6 in pf.families())
+    return need
+
+
 def plan_transaction(
     table: Table | Mapping[str, Any] | bytes | str | None,
     *,
@@ -610,3 +709,167 @@ def plan_transaction(
                 done.add(nid)
             p.setup_port_forward(pf, skip_existing=skip_existing_port_rules)
     return p.commands()
+
+
+# --------------------------------------------------------------------------------------------------
+# nft text syntax for the same commands
+
+
+class Unrenderable(ValueError):
+    """A command outside the closed set this module generates: send the JSON instead."""
+
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_\-.]*\Z")
+_BARE = re.compile(r"[A-Za-z0-9_.:\-]+\Z")
+_QUOTABLE = re.compile(r'[^"\\\n\r\t]*\Z')
+_PAYLOAD_PROTOS = frozenset({"ip", "ip6", "tcp", "udp", "sctp", "th"})
+_PAYLOAD_FIELDS = frozenset({"saddr", "daddr", "dport"})
+_META_KEYS = frozenset({"l4proto", "iifname", "oifname", "mark"})
+_OPS = {"==": "== ", "!=": "!= ", "in": ""}  # "in" is the JSON name of the implicit operator
+
+
+def _ident(name: Any) -> str:
+    """A chain name nft 1.0.6 accepts bare (it has no quoted form for names): fixed or ``nv_…``."""
+    if not isinstance(name, str) or not _ident_ok(name):
+        raise Unrenderable(f"chain name {name!r}")
+    return name
+
+
+@functools.lru_cache(maxsize=8192)
+def _ident_ok(name: str) -> bool:
+    return bool(_IDENT.match(name)) and (name.isupper() or name.startswith("nv_"))
+
+
+_K_CHAIN = frozenset({"family", "table", "name"})
+_K_BASE_CHAIN = frozenset({"family", "table", "name", "type", "hook", "prio", "policy"})
+_K_RULE_DEL = frozenset({"family", "table", "chain", "handle"})
+_K_RULE_ADD = frozenset({"family", "table", "chain", "expr"})
+
+
+def _int(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise Unrenderable(f"number {v!r}")
+    return str(v)
+
+
+def _left(left: Any) -> tuple[str, bool]:
+    """(text, quote string right sides) of a match's left side."""
+    if isinstance(left, dict) and len(left) == 1:
+        (kind, body), = left.items()
+        if kind == "payload" and body.get("protocol") in _PAYLOAD_PROTOS \
+                and body.get("field") in _PAYLOAD_FIELDS and len(body) == 2:
+            return f"{body['protocol']} {body['field']}", False
+        if kind == "meta" and body.get("key") in _META_KEYS and len(body) == 1:
+            return f"meta {body['key']}", body["key"] in ("iifname", "oifname")
+        if kind == "ct" and body == {"key": "state"}:
+            return "ct state", False
+        if kind == "fib" and body == {"result": "type", "flags": ["daddr"]}:
+            return "fib daddr type", False
+        if kind == "&" and isinstance(body, list) and len(body) == 2 and body[0] == {"meta": {"key": "mark"}}:
+            return f"meta mark & {_int(body[1])}", False
+    raise Unrenderable(f"match left side {left!r}")
+
+
+def _right(right: Any, quoted: bool) -> str:
+    if isinstance(right, str):
+        if quoted:
+            if not _QUOTABLE.match(right):
+                raise Unrenderable(f"string {right!r}")
+            return f'"{right}"'
+        if not _BARE.match(right):
+            raise Unrenderable(f"value {right!r}")
+        return right
+    if isinstance(right, int) and not isinstance(right, bool):
+        return str(right)
+    if isinstance(right, list) and right and not quoted:
+        return ",".join(_right(v, False) for v in right)
+    if isinstance(right, dict) and len(right) == 1:
+        (kind, body), = right.items()
+        if kind == "prefix" and isinstance(body, dict) and set(body) == {"addr", "len"}:
+            return f"{_right(body['addr'], False)}/{_int(body['len'])}"
+        if kind == "range" and isinstance(body, list) and len(body) == 2:
+            return f"{_int(body[0])}-{_int(body[1])}"
+        if kind == "set" and isinstance(body, list) and body and not quoted:
+            return "{ " + ", ".join(_right(v, False) for v in body) + " }"
+    raise Unrenderable(f"match right side {right!r}")
+
+
+def _stmt(stmt: Any) -> str:
+    if not isinstance(stmt, dict) or len(stmt) != 1:
+        raise Unrenderable(f"statement {stmt!r}")
+    (kind, body), = stmt.items()
+    if kind == "match" and isinstance(body, dict) and set(body) == {"left", "right", "op"}:
+        op = _OPS.get(body["op"])
+        if op is None:
+            raise Unrenderable(f"operator {body['op']!r}")
+        left, quoted = _left(body["left"])
+        return f"{left} {op}{_right(body['right'], quoted)}"
+    if kind in ("accept", "drop", "masquerade") and body is None:
+        return kind
+    if kind == "jump" and isinstance(body, dict) and set(body) == {"target"}:
+        return f"jump {_ident(body['target'])}"
+    if kind == "dnat" and isinstance(body, dict) and set(body) == {"addr", "family", "port"}:
+        addr = _right(body["addr"], False)
+        if body["family"] == "ip":
+            return f"dnat ip to {addr}:{_int(body['port'])}"
+        if body["family"] == "ip6":
+            return f"dnat ip6 to [{addr}]:{_int(body['port'])}"
+    if kind == "mangle" and body == {"key": {"meta": {"key": "mark"}},
+                                     "value": {"|": [{"meta": {"key": "mark"}}, body["value"]["|"][1]]}}:
+        return f"meta mark set meta mark | {_int(body['value']['|'][1])}"
+    raise Unrenderable(f"statement {stmt!r}")
+
+
+def _command(cmd: dict[str, Any], memo: dict[int, str]) -> str:
+    if len(cmd) != 1:
+        raise Unrenderable(f"command {cmd!r}")
+    (verb, obj), = cmd.items()
+    if not isinstance(obj, dict) or len(obj) != 1:
+        raise Unrenderable(f"command {cmd!r}")
+    (kind, body), = obj.items()
+    if kind == "table" and verb == "add" and body == {"family": FAMILY, "name": TABLE}:
+        return f"add table {FAMILY} {TABLE}"
+    if body.get("family") != FAMILY or body.get("table") != TABLE:
+        raise Unrenderable(f"object outside inet netavark: {cmd!r}")
+    if kind == "chain":
+        name = _ident(body.get("name"))
+        if verb == "delete" and body.keys() == _K_CHAIN:
+            return f"delete chain {FAMILY} {TABLE} {name}"
+        if verb == "add" and body.keys() == _K_CHAIN:
+            return f"add chain {FAMILY} {TABLE} {name}"
+        if verb == "add" and body.keys() == _K_BASE_CHAIN \
+                and body["type"] in ("filter", "nat") and body["policy"] == "accept" \
+                and body["hook"] in ("input", "forward", "output", "prerouting", "postrouting"):
+            return (f"add chain {FAMILY} {TABLE} {name} {{ type {body['type']} hook {body['hook']} "
+                    f"priority {_int(body['prio'])}; policy accept; }}")
+    if kind == "rule":
+        chain = _ident(body.get("chain"))
+        if verb == "delete" and body.keys() == _K_RULE_DEL:
+            return f"delete rule {FAMILY} {TABLE} {chain} handle {_int(body['handle'])}"
+        if verb in ("add", "insert") and body.keys() == _K_RULE_ADD and body["expr"]:
+            parts = []
+            for stmt in body["expr"]:
+                # the planner shares statement objects between rules (same subnet, same port…):
+                # render each object once. Safe: every object stays alive while we render.
+                text = memo.get(id(stmt))
+                if text is None:
+                    text = memo[id(stmt)] = _stmt(stmt)
+                parts.append(text)
+            return f"{verb} rule {FAMILY} {TABLE} {chain} " + " ".join(parts)
+    raise Unrenderable(f"command {cmd!r}")
+
+
+def render_text(cmds: Sequence[dict[str, Any]]) -> str:
+    """The same transaction in nft's text syntax (one command per line).
+
+    Why: libnftables 1.0.6 parses text ~30% faster than JSON (8000 rules: ~180 vs ~250-330 ms), and
+    the batch is just as atomic. Each JSON operator maps to the text operator the JSON parser turns it
+    into (``==`` → ``==``, ``!=`` → ``!=``, ``in`` → implicit), so the kernel receives the same
+    expressions; the tests compare the listings of both paths. Raises :class:`Unrenderable` for
+    anything outside the closed set of shapes :func:`plan_transaction` produces.
+    """
+    try:
+        memo: dict[int, str] = {}
+        return "".join([_command(c, memo) + "\n" for c in cmds])
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise Unrenderable(f"unexpected command shape: {exc!r}") from None
