@@ -14,6 +14,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+import anyio
+
 from .errors import AsyncnetError, NetlinkOpError, netlink_error_text
 from .netlink import IFF_UP, Netlink
 from .netns import run_in_netns
@@ -54,12 +56,27 @@ async def ensure_bridge(host: Netlink, host_fd: int | None, network: Network) ->
     if kind != "bridge":
         raise AsyncnetError(f"bridge interface {name} already exists but is a {kind} interface")
     index = link["index"]
-    await run_in_netns(host_fd, lambda: write_sysctls_sync(bridge_sysctls(network)))
-    for sub in network.subnets:
-        gw = sub.gateway_interface
-        if gw is not None:
-            await host.add_address(index, gw, "add ip addr to bridge", exist_ok=True)
-    await host.set_up(index, "set bridge up")
+    try:
+        if not created and not link.get("carrier"):
+            # A reused bridge without a working port (e.g. made by `ip link add`) may still have a
+            # kernel-chosen MAC, which our first port would replace (and the last one leaving would turn
+            # into 00:00:00:00:00:00): pin it. A bridge with ports has already been through this.
+            mac = link.get("address")
+            await host.set_address(index, mac if mac and mac != "00:00:00:00:00:00" else random_mac())
+        await run_in_netns(host_fd, lambda: write_sysctls_sync(bridge_sysctls(network)))
+        for sub in network.subnets:
+            gw = sub.gateway_interface
+            if gw is not None:
+                await host.add_address(index, gw, "add ip addr to bridge", exist_ok=True)
+        await host.set_up(index, "set bridge up")
+    except BaseException:
+        if created:  # half-made: the caller never gets a handle, so it could not roll it back
+            with anyio.CancelScope(shield=True):
+                try:
+                    await host.delete_link(name, "rollback: delete bridge")
+                except NetlinkOpError:
+                    pass
+        raise
     return BridgeHandle(name, index, created)
 
 
@@ -146,5 +163,8 @@ async def configure_container(ctr: Netlink, atts: list[Attachment], indexes: dic
     for att in atts:
         index = indexes[att.ifname]
         for route in att.routes:
-            await ctr.add_route(index=index, destination=route.destination, gateway=route.gateway,
-                                metric=route.metric, context=f"add route {route.destination} via {route.gateway}")
+            # a static route's gateway may be reachable through another container interface (netavark
+            # passes no device for it); default routes are pinned to the network's interface
+            await ctr.add_route(index=None if route.static else index, destination=route.destination,
+                                gateway=route.gateway, metric=route.metric,
+                                context=f"add route {route.destination} via {route.gateway}")

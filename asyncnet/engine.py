@@ -21,7 +21,7 @@ import anyio
 
 from .bridge import BridgeHandle, configure_container, create_veths, ensure_bridge, prepare_container_sync
 from .dns import Aardvark, DnsEntry, DnsNetwork
-from .errors import AsyncnetError, ConfigError, NetlinkOpError, combine
+from .errors import AsyncnetError, ConfigError, IpamError, NetlinkOpError, combine
 from .firewall.nftables import firewall_driver
 from .firewall.ruleset import NetworkFw, PortFw
 from .netlink import Netlink
@@ -30,11 +30,15 @@ from .plan import (
     MAX_BRIDGE_PORTS,
     Attachment,
     host_sysctls,
+    journal_record,
+    needs_allocation,
     network_fw,
     plan_container,
     port_fw,
     status_block,
 )
+from .state import Attachment as JournalRow
+from .state import State
 from .sysctl import write_sysctls_sync
 from .types import Network, NetworkOptions, StatusBlock
 
@@ -75,12 +79,13 @@ class _Work:
     attachments: list[Attachment] = field(default_factory=list)
     created_veths: list[str] = field(default_factory=list)
     fd: int | None = None
+    owns_state: bool = False  # allocations or journal rows of this batch that a failure must release
 
 
 class Engine:
     def __init__(self, *, config_dir: str | os.PathLike[str] = "/run/asyncnet", firewall: str | None = "nftables",
                  concurrency: int = 64, host_netns: str | Netns | None = None, rootless: bool = False,
-                 aardvark_binary: str = DEFAULT_AARDVARK, dns_port: int = 53) -> None:
+                 aardvark_binary: str = DEFAULT_AARDVARK, dns_port: int = 53, state: bool = True) -> None:
         self.config_dir = Path(os.fsdecode(config_dir))
         self.host_netns = host_netns if isinstance(host_netns, Netns) else Netns.from_ref(host_netns)
         self.concurrency = max(1, concurrency)
@@ -91,21 +96,31 @@ class Engine:
         self.dns = Aardvark(self.config_dir, aardvark_binary, dns_port, self.host_netns)
         self._host: Netlink | None = None
         self._host_fd: int | None = None
-        self._forwarding_done: set[str] = set()
+        self._use_state = state
+        self.state: State | None = None
 
     async def __aenter__(self) -> Engine:
         self._host_fd = self.host_netns.open() if self.host_netns.path else None
         try:
             self._host = await Netlink.open(self._host_fd)
+            if self._use_state:
+                self.state = await anyio.to_thread.run_sync(self._open_state)
         except BaseException:
-            self._close_fd()
+            await self.__aexit__()
             raise
         return self
+
+    def _open_state(self) -> State:
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        return State.open(self.config_dir)
 
     async def __aexit__(self, *exc: object) -> None:
         if self._host is not None:
             self._host.close()
             self._host = None
+        if self.state is not None:
+            self.state.close()
+            self.state = None
         self._close_fd()
 
     def _close_fd(self) -> None:
@@ -130,9 +145,10 @@ class Engine:
                 w.fd = w.container.netns.open()
             except AsyncnetError as exc:
                 w.result.error = exc
-        live = [w for w in live if w.result.ok]
         bridges: dict[str, BridgeHandle] = {}
         try:
+            live = await self._plan([w for w in live if w.result.ok])
+            live = await self._journal_intents(live)
             await self._setup_kernel(live, bridges, progress)
             done = [w for w in live if w.result.ok]
             await self._commit_shared(done)
@@ -148,6 +164,7 @@ class Engine:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._drop_unused_bridges(bridges)
+                await self._journal_finish(works, bridges)
             for w in works:
                 if w.fd is not None:
                     os.close(w.fd)
@@ -163,7 +180,6 @@ class Engine:
     def _validate(self, works: list[_Work]) -> list[_Work]:
         """Batch-level checks no single container can make; failing containers get their error."""
         defs: dict[str, Network] = {}
-        ports: dict[str, int] = {}
         ids: set[str] = set()
         for w in works:
             opts = w.container.options
@@ -176,17 +192,94 @@ class Engine:
                     if other != net:
                         raise ConfigError(f"network {net.name}: bridge {net.network_interface} is defined "
                                           f"differently by another container of the batch")
-                w.attachments = plan_container(opts)
-                for a in w.attachments:
-                    ports[a.bridge] = ports.get(a.bridge, 0) + 1
+                if self.state is None and needs_allocation(opts):
+                    plan_container(opts)  # raises the "no static ips" error
             except AsyncnetError as exc:
                 w.result.error = exc
-        for w in works:
-            for a in w.attachments:
-                if w.result.ok and ports[a.bridge] > MAX_BRIDGE_PORTS:
-                    w.result.error = ConfigError(f"network {a.network.name}: bridge {a.bridge} would get "
-                                                 f"{ports[a.bridge]} ports, more than {MAX_BRIDGE_PORTS}")
         return [w for w in works if w.result.ok]
+
+    async def _plan(self, live: list[_Work]) -> list[_Work]:
+        """IPAM for the whole batch in one state transaction, then the pure plan per container, then the
+        1024-ports-per-bridge limit counted against the ports the bridges already have."""
+        allocated: dict[str, Any] = {}
+        if self.state is not None and live:
+            state = self.state
+            opts = [w.container.options for w in live]
+            allocated = await anyio.to_thread.run_sync(lambda: state.allocate(opts))
+        for w in live:
+            got = allocated.get(w.container.options.container_id)
+            try:
+                if isinstance(got, IpamError):
+                    raise got
+                w.owns_state = got is not None
+                w.attachments = plan_container(w.container.options, got)
+            except AsyncnetError as exc:
+                w.result.error = exc
+        live = [w for w in live if w.result.ok]
+        ports: dict[str, int] = {}
+        for w in live:
+            for a in w.attachments:
+                ports[a.bridge] = ports.get(a.bridge, 0) + 1
+        for br in ports:
+            link = await self.host.get_link(br)
+            if link is not None:
+                ports[br] += len(await self.host.port_names(link["index"]))
+        for w in live:
+            over = next((a for a in w.attachments if ports[a.bridge] > MAX_BRIDGE_PORTS), None)
+            if over is not None:
+                w.result.error = ConfigError(f"network {over.network.name}: bridge {over.bridge} would have "
+                                             f"{ports[over.bridge]} ports, more than {MAX_BRIDGE_PORTS}")
+        return [w for w in live if w.result.ok]
+
+    def _journal_rows(self, w: _Work, bridges: dict[str, BridgeHandle] | None = None) -> list[JournalRow]:
+        opts = w.container.options
+        return [JournalRow(container_id=opts.container_id, network=a.network.name, network_id=a.network.id,
+                           interface=a.ifname, bridge=a.bridge, container_name=opts.container_name,
+                           netns=w.container.netns.path, host_veth=a.host_veth,
+                           # an intent may create the bridge: gc must be allowed to remove it
+                           bridge_created=bridges[a.bridge].created if bridges and a.bridge in bridges else True,
+                           addresses=a.addresses, firewall=journal_record(opts, a, self.dns_port))
+                for a in w.attachments]
+
+    async def _journal_intents(self, live: list[_Work]) -> list[_Work]:
+        """Write every attachment as *intent* before the kernel is touched, so that a crash at any later
+        point leaves gc a record of what may exist. An attachment already journalled is a conflict."""
+        if self.state is None or not live:
+            return live
+        state = self.state
+        rows = [r for w in live for r in self._journal_rows(w)]
+        conflicts = await anyio.to_thread.run_sync(lambda: state.record_intents(rows))
+        for w in live:
+            mine = [a for a in w.attachments if (w.container.options.container_id, a.network.name) in conflicts]
+            if mine:
+                w.result.error = ConfigError(f"container {w.container.options.container_id} is already set up "
+                                             f"on network {mine[0].network.name}")
+                others = [(w.container.options.container_id, a.network.name) for a in w.attachments
+                          if a not in mine]
+                if others:
+                    await anyio.to_thread.run_sync(lambda keys=others: state.release(keys))
+                w.owns_state = False  # the addresses belong to the existing attachment
+            else:
+                w.owns_state = True
+        return [w for w in live if w.result.ok]
+
+    async def _journal_finish(self, works: list[_Work], bridges: dict[str, BridgeHandle]) -> None:
+        if self.state is None:
+            return
+        state = self.state
+        done = [r for w in works if w.result.ok and w.attachments for r in self._journal_rows(w, bridges)]
+        failed = [(w.container.options.container_id, a.network.name) for w in works
+                  if not w.result.ok and w.owns_state for a in w.attachments]
+        failed += [(w.container.options.container_id, name) for w in works if not w.result.ok and w.owns_state
+                   and not w.attachments for name in w.container.options.networks]
+
+        def finish() -> None:
+            if done:
+                state.mark_done(done)
+            if failed:
+                state.release(failed)
+
+        await anyio.to_thread.run_sync(finish)
 
     async def _setup_kernel(self, live: list[_Work], bridges: dict[str, BridgeHandle],
                             progress: Progress | None) -> None:
@@ -309,16 +402,36 @@ class Engine:
     async def teardown(self, batch: Sequence[Container], *, progress: Progress | None = None) -> list[Result]:
         """Remove every attachment of the batch; keep going after errors and report them per container.
 
-        The container namespace is not needed: host ends have deterministic names, and deleting the host
-        end takes the container end (and its routes) with it. All host ends go in one group delete.
+        Host ends have deterministic names, and deleting the host end takes the container end (and the
+        routes through it) with it; all host ends go in one group delete. The container namespace is only
+        entered for static routes, which may go through another interface of the container.
         """
         works = [_Work(c, Result(c.options.container_id)) for c in batch]
         errors: dict[int, list[AsyncnetError]] = {i: [] for i in range(len(works))}
+        journal: dict[tuple[str, str], JournalRow] = {}
+        if self.state is not None:
+            state = self.state
+            journal = {r.key: r for r in await anyio.to_thread.run_sync(state.list_attachments)}
         for i, w in enumerate(works):
             try:
-                w.attachments = plan_container(w.container.options)
+                w.attachments = plan_container(w.container.options, _known_addresses(w.container.options, journal))
             except AsyncnetError as exc:
                 errors[i].append(exc)
+        known = [journal[k] for w in works for a in w.attachments
+                 if (k := (w.container.options.container_id, a.network.name)) in journal]
+        if known and self.state is not None:
+            await anyio.to_thread.run_sync(lambda: state.mark_removing(known))
+        with_routes = [(i, w) for i, w in enumerate(works) if any(r.static for a in w.attachments for r in a.routes)]
+        if with_routes:
+            limiter = anyio.Semaphore(self.concurrency)
+
+            async def static_routes(i: int, w: _Work) -> None:
+                async with limiter:
+                    errors[i].extend(await self._delete_static_routes(w))
+
+            async with anyio.create_task_group() as tg:
+                for i, w in with_routes:
+                    tg.start_soon(static_routes, i, w)
         group = _fresh_group()
         names: list[str] = []
         owners: dict[str, int] = {}
@@ -330,8 +443,13 @@ class Engine:
                     for w in works for a in w.attachments}
         veth_errors: dict[str, AsyncnetError] = {}
         await self._group_delete(names, group, errors=veth_errors, contexts=contexts)
+        gone_ns: set[int] = set()
         for name, err in veth_errors.items():
-            errors[owners[name]].append(err)
+            i = owners[name]
+            if err.code == errno.ENODEV and _netns_gone(works[i].container.netns):
+                gone_ns.add(i)  # the namespace took its veths along: nothing left to delete there
+                continue
+            errors[i].append(err)
         # bridges without ports go, and with them the network's firewall rules ("complete teardown")
         networks = {a.bridge: a.network for w in works for a in w.attachments}
         complete: list[Network] = []
@@ -364,14 +482,50 @@ class Engine:
         except AsyncnetError as exc:
             for i in errors:
                 errors[i].append(exc)
+        release: list[tuple[str, str]] = []
         for i, w in enumerate(works):
+            cid = w.container.options.container_id
             w.result.error = combine(errors[i])
             missing = [a for a in w.attachments if a.host_veth in veth_errors
                        and veth_errors[a.host_veth].code == errno.ENODEV]
-            w.result.not_set_up = bool(w.attachments) and len(missing) == len(w.attachments) == len(errors[i])
+            journalled = any((cid, a.network.name) in journal for a in w.attachments)
+            w.result.not_set_up = (bool(w.attachments) and len(missing) == len(w.attachments)
+                                   and not journalled and (i in gone_ns or len(errors[i]) == len(missing)))
+            if w.result.not_set_up and i in gone_ns:
+                w.result.error = None
+            # keep the journal rows of what could not be removed: `down` or gc can finish it later
+            if all(e.code == errno.ENODEV for e in errors[i]):
+                release += [(cid, a.network.name) for a in w.attachments]
             if progress is not None:
                 progress(w.result)
+        if release and self.state is not None:
+            state = self.state
+            await anyio.to_thread.run_sync(lambda: state.release(release))
         return [w.result for w in works]
+
+    async def _delete_static_routes(self, w: _Work) -> list[AsyncnetError]:
+        """netavark deletes a network's static routes in the container before its veth. A namespace that
+        is gone took its routes along, and so did a route that is already gone: neither is an error."""
+        try:
+            fd = w.container.netns.open()
+        except AsyncnetError:
+            return []
+        errors: list[AsyncnetError] = []
+        try:
+            ctr = await Netlink.open(fd)
+            try:
+                for r in (r for a in w.attachments for r in a.routes if r.static):
+                    try:
+                        await ctr.delete_route(destination=r.destination, gateway=r.gateway, metric=r.metric,
+                                               context=f"delete route {r.destination} via {r.gateway}")
+                    except NetlinkOpError as exc:
+                        if exc.code != errno.ESRCH:
+                            errors.append(exc)
+            finally:
+                ctr.close()
+        finally:
+            os.close(fd)
+        return errors
 
     async def _group_delete(self, names: list[str], group: int, *, errors: dict[str, AsyncnetError] | None,
                             contexts: dict[str, str] | None = None) -> None:
@@ -397,6 +551,27 @@ class Engine:
                 tg.start_soon(tag, name)
         if tagged:
             await self.host.delete_group(group)
+
+
+def _known_addresses(opts: NetworkOptions, journal: dict[tuple[str, str], JournalRow]) -> dict[str, Any]:
+    """Teardown addresses: the journal's when it knows the attachment, else the static ones, else none
+    (the veth still goes; only port rules that name the address cannot be matched)."""
+    out: dict[str, Any] = {}
+    for net, per in opts.attachments():
+        row = journal.get((opts.container_id, net.name))
+        if row is not None:
+            out[net.name] = row.addresses
+        elif net.ipam_driver == "host-local" and len(per.static_ips or ()) < len(net.subnets):
+            out[net.name] = ()
+    return out
+
+
+def _netns_gone(netns: Netns) -> bool:
+    try:
+        os.close(netns.open())
+    except AsyncnetError:
+        return True
+    return False
 
 
 def _fresh_group() -> int:

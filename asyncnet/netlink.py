@@ -16,7 +16,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from pyroute2 import AsyncIPRoute
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_NEWROUTE
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from .errors import NetlinkOpError, netlink_error_text
@@ -182,8 +184,26 @@ class Netlink:
                     f"{netlink_error_text(errno.EACCES)}", code=errno.EACCES) from None
             raise
 
-    async def add_route(self, *, index: int, destination: IPNetwork, gateway: ipaddress.IPv4Address |
+    async def add_route(self, *, index: int | None, destination: IPNetwork, gateway: ipaddress.IPv4Address |
                         ipaddress.IPv6Address, metric: int, context: str) -> None:
-        await self.call(context, self.ipr.route, "add", dst=str(destination.network_address),
-                        dst_len=destination.prefixlen, gateway=str(gateway), oif=index, priority=metric,
-                        family=socket.AF_INET if destination.version == 4 else socket.AF_INET6)
+        """netavark's request: NLM_F_CREATE without NLM_F_EXCL, so the equal-metric default route of a
+        second network is added beside the first one instead of failing with EEXIST (an identical route
+        still does). ``index=None`` lets the kernel pick the device from the gateway: a static route's
+        gateway may sit on another interface of the container."""
+        kwargs: dict[str, Any] = {"dst": str(destination.network_address), "dst_len": destination.prefixlen,
+                                  "gateway": str(gateway), "priority": metric, "proto": "static",
+                                  "type": "unicast", "family": _family(destination)}
+        if index is not None:
+            kwargs["oif"] = index
+        await self.call(context, self.ipr.route, (RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE),
+                        **kwargs)
+
+    async def delete_route(self, *, destination: IPNetwork, gateway: ipaddress.IPv4Address |
+                           ipaddress.IPv6Address, metric: int, context: str) -> None:
+        await self.call(context, self.ipr.route, "del", dst=str(destination.network_address),
+                        dst_len=destination.prefixlen, gateway=str(gateway), priority=metric,
+                        family=_family(destination))
+
+
+def _family(net: IPNetwork) -> int:
+    return socket.AF_INET if net.version == 4 else socket.AF_INET6

@@ -11,6 +11,7 @@ import ipaddress
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigError
 from .firewall.ruleset import NetworkFw, PortFw
@@ -36,6 +37,7 @@ class RouteSpec:
     destination: IPNetwork
     gateway: IPAddress
     metric: int
+    static: bool = False  # a network `routes` entry: device chosen by the kernel, deleted on teardown
 
 
 @dataclass(frozen=True)
@@ -79,17 +81,22 @@ def random_mac() -> str:
     return ":".join(f"{b:02x}" for b in octets)
 
 
-def container_addresses(network: Network, opts: PerNetworkOptions,
-                        allocated: Sequence[IPAddress] = ()) -> tuple[IPInterface, ...]:
-    """host-local: static IPs paired with subnets in order, then allocated ones fill the rest."""
+def container_addresses(network: Network, opts: PerNetworkOptions) -> tuple[IPInterface, ...]:
+    """host-local with static IPs: paired with subnets in order (netavark's rule)."""
     if network.ipam_driver == "none" or not network.subnets:
         return ()
-    ips = list(opts.static_ips or ()) + list(allocated)
+    ips = list(opts.static_ips or ())
     if len(ips) < len(network.subnets):
         raise ConfigError(f"no static ips provided for network {network.name}: "
                           f"{len(network.subnets)} subnet(s), {len(ips)} address(es)")
     return tuple(ipaddress.ip_interface(f"{ip}/{sub.subnet.prefixlen}")
                  for ip, sub in zip(ips, network.subnets, strict=False))
+
+
+def needs_allocation(opts: NetworkOptions) -> bool:
+    """Whether any host-local network of the container lacks static IPs for its subnets."""
+    return any(net.ipam_driver == "host-local" and len(per.static_ips or ()) < len(net.subnets)
+               for net, per in opts.attachments())
 
 
 def routes_for(network: Network, addresses: Sequence[IPInterface]) -> tuple[RouteSpec, ...]:
@@ -106,13 +113,14 @@ def routes_for(network: Network, addresses: Sequence[IPInterface]) -> tuple[Rout
             routes.append(RouteSpec(default, sub.gateway, network.bridge.metric))
     for r in network.routes:
         routes.append(RouteSpec(r.destination, r.gateway,
-                                r.metric if r.metric is not None else DEFAULT_ROUTE_METRIC))
+                                r.metric if r.metric is not None else DEFAULT_ROUTE_METRIC, static=True))
     return tuple(routes)
 
 
 def plan_attachment(opts: NetworkOptions, network: Network, per: PerNetworkOptions,
-                    allocated: Sequence[IPAddress] = ()) -> Attachment:
-    addresses = container_addresses(network, per, allocated)
+                    addresses: Sequence[IPInterface] | None = None) -> Attachment:
+    """``addresses``: what IPAM gave this attachment (static and allocated); None = static IPs only."""
+    addrs = tuple(addresses) if addresses is not None else container_addresses(network, per)
     return Attachment(
         container_id=opts.container_id,
         container_name=opts.container_name,
@@ -120,16 +128,15 @@ def plan_attachment(opts: NetworkOptions, network: Network, per: PerNetworkOptio
         options=per,
         host_veth=host_veth_name(opts.container_id, network.id),
         mac=per.static_mac or random_mac(),
-        addresses=addresses,
-        routes=routes_for(network, addresses),
+        addresses=addrs,
+        routes=routes_for(network, addrs),
     )
 
 
 def plan_container(opts: NetworkOptions,
-                   allocated: Mapping[str, Sequence[IPAddress]] | None = None) -> list[Attachment]:
-    allocated = allocated or {}
-    return [plan_attachment(opts, net, per, allocated.get(net.name, ()))
-            for net, per in opts.attachments()]
+                   addresses: Mapping[str, Sequence[IPInterface]] | None = None) -> list[Attachment]:
+    addresses = addresses or {}
+    return [plan_attachment(opts, net, per, addresses.get(net.name)) for net, per in opts.attachments()]
 
 
 def container_sysctls(att: Attachment) -> list[tuple[str, str, bool]]:
@@ -203,3 +210,52 @@ def port_fw(opts: NetworkOptions, att: Attachment, dns_port: int) -> PortFw:
         port_mappings=opts.port_mappings,
         dns_port=dns_port,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# what the journal keeps so that teardown and gc can undo an attachment without the original input
+
+
+def journal_record(opts: NetworkOptions, att: Attachment, dns_port: int) -> dict[str, Any]:
+    net = att.network
+    return {
+        "network": {
+            "id": net.id, "name": net.name, "bridge": net.network_interface,
+            "subnets": [str(s.subnet) for s in net.subnets], "gateways": [str(g) for g in net.gateways],
+            "isolation": net.bridge.isolate.value, "internal": net.internal, "dns_enabled": net.dns_enabled,
+        },
+        "port_mappings": None if opts.port_mappings is None else [m.to_json() for m in opts.port_mappings],
+        "dns_port": dns_port,
+        "container_name": opts.container_name,
+    }
+
+
+@dataclass(frozen=True)
+class RecordedIntents:
+    """The firewall and DNS side of one journalled attachment, rebuilt for teardown or gc."""
+
+    network: NetworkFw | None  # None for internal networks (no firewall)
+    port: PortFw | None
+    dns_network: str | None  # network name when it had DNS entries
+
+
+def intents_from_record(container_id: str, addresses: Sequence[IPInterface],
+                        record: Mapping[str, Any]) -> RecordedIntents:
+    from .types import Isolation, parse_port_mapping
+
+    n = record["network"]
+    nf = NetworkFw(
+        network_id=n["id"], network_name=n["name"], bridge=n["bridge"],
+        subnets=tuple(ipaddress.ip_network(s) for s in n["subnets"]),
+        gateways=tuple(ipaddress.ip_address(g) for g in n["gateways"]),
+        isolation=Isolation(n["isolation"]),
+    )
+    raw = record.get("port_mappings")
+    mappings = None if raw is None else tuple(parse_port_mapping(m, "journal") for m in raw)
+    v4 = next((a for a in addresses if isinstance(a, ipaddress.IPv4Interface)), None)
+    v6 = next((a for a in addresses if isinstance(a, ipaddress.IPv6Interface)), None)
+    pf = PortFw(network=nf, container_id=container_id, container_name=record.get("container_name", ""),
+                ipv4=v4, ipv6=v6, port_mappings=mappings, dns_port=int(record.get("dns_port", 53)))
+    internal = bool(n.get("internal"))
+    return RecordedIntents(None if internal else nf, None if internal else pf,
+                           n["name"] if n.get("dns_enabled") else None)
