@@ -57,10 +57,11 @@ async def ensure_bridge(host: Netlink, host_fd: int | None, network: Network) ->
         raise AsyncnetError(f"bridge interface {name} already exists but is a {kind} interface")
     index = link["index"]
     try:
-        if not created and not link.get("carrier"):
-            # A reused bridge without a working port (e.g. made by `ip link add`) may still have a
-            # kernel-chosen MAC, which our first port would replace (and the last one leaving would turn
-            # into 00:00:00:00:00:00): pin it. A bridge with ports has already been through this.
+        if not created and link.get("operstate") != "UP":
+            # A reused bridge without a working port (e.g. fresh from `ip link add`: down, or up with
+            # operstate UNKNOWN) may still have a kernel-chosen MAC, which our first port would replace
+            # (and the last one leaving would turn into 00:00:00:00:00:00): pin it. A bridge that is UP
+            # has ports and has been through this already.
             mac = link.get("address")
             await host.set_address(index, mac if mac and mac != "00:00:00:00:00:00" else random_mac())
         await run_in_netns(host_fd, lambda: write_sysctls_sync(bridge_sysctls(network)))
