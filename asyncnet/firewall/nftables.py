@@ -239,6 +239,19 @@ def port_state(pf: PortFw) -> dict[str, Any]:
     }
 
 
+_stamp_lock = threading.Lock()
+_last_stamp = 0
+
+
+def _next_stamp() -> int:
+    """Strictly increasing ns mtimes: reload replays files in write order, and file timestamps
+    taken by the kernel are coarse (a whole batch of files would share one tick)."""
+    global _last_stamp
+    with _stamp_lock:
+        _last_stamp = max(time.time_ns(), _last_stamp + 1)
+        return _last_stamp
+
+
 @dataclass
 class _StateJournal:
     """Files changed before the transaction, with what they held, so a failure can put them back."""
@@ -257,6 +270,8 @@ class _StateJournal:
         self._remember(path)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tmp.write_bytes(data)
+        stamp = _next_stamp()
+        os.utime(tmp, ns=(stamp, stamp))
         os.replace(tmp, path)
 
     def remove(self, path: pathlib.Path) -> None:
