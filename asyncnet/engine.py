@@ -30,6 +30,7 @@ from .plan import (
     MAX_BRIDGE_PORTS,
     Attachment,
     host_sysctls,
+    intents_from_record,
     journal_record,
     needs_allocation,
     network_fw,
@@ -80,6 +81,16 @@ class _Work:
     created_veths: list[str] = field(default_factory=list)
     fd: int | None = None
     owns_state: bool = False  # allocations or journal rows of this batch that a failure must release
+
+
+@dataclass
+class _Shared:
+    """What a batch committed to the shared host state (firewall, DNS), for its undo."""
+
+    networks: list[NetworkFw] = field(default_factory=list)
+    ports: list[PortFw] = field(default_factory=list)
+    firewall_committed: bool = False
+    dns: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Engine:
@@ -146,20 +157,22 @@ class Engine:
             except AsyncnetError as exc:
                 w.result.error = exc
         bridges: dict[str, BridgeHandle] = {}
+        shared = _Shared()
         try:
             live = await self._plan([w for w in live if w.result.ok])
             live = await self._journal_intents(live)
             await self._setup_kernel(live, bridges, progress)
-            done = [w for w in live if w.result.ok]
-            await self._commit_shared(done)
+            await self._commit_shared([w for w in live if w.result.ok], shared)
         except BaseException as exc:
+            # a shared step failed or we were cancelled: nothing of this batch may stay half-made
             with anyio.CancelScope(shield=True):
+                await self._undo_shared(shared, bridges)
                 await self._rollback([w for w in live if w.created_veths], bridges)
-            if isinstance(exc, AsyncnetError):
-                for w in live:
-                    if w.result.ok:
-                        w.result.error = exc
-            else:
+            reason = exc if isinstance(exc, AsyncnetError) else AsyncnetError("setup cancelled; rolled back")
+            for w in live:
+                if w.result.ok:
+                    w.result.error = reason
+            if not isinstance(exc, AsyncnetError):
                 raise
         finally:
             with anyio.CancelScope(shield=True):
@@ -363,12 +376,12 @@ class Engine:
                     if exc.code != errno.ENODEV:
                         raise
 
-    async def _commit_shared(self, done: list[_Work]) -> None:
-        """Firewall (one transaction), route_localnet, then DNS (one update) for the whole batch."""
+    async def _commit_shared(self, done: list[_Work], shared: _Shared) -> None:
+        """Firewall (one transaction), route_localnet, then DNS (one update) for the whole batch; what
+        was committed is noted in ``shared`` so that a later failure or a cancellation can undo it."""
         if not done:
             return
         nets: dict[str, NetworkFw] = {}
-        ports: list[PortFw] = []
         localnet: set[str] = set()
         for w in done:
             opts = w.container.options
@@ -376,25 +389,37 @@ class Engine:
                 if a.network.internal:
                     continue
                 nets.setdefault(a.network.id, network_fw(a.network))
-                ports.append(port_fw(opts, a, self.dns_port))
+                shared.ports.append(port_fw(opts, a, self.dns_port))
                 if opts.port_mappings is not None:
                     localnet.add(a.bridge)
         if nets:
-            await self.firewall.commit(setup_networks=list(nets.values()), setup_ports=ports)
+            shared.networks = list(nets.values())
+            await self.firewall.commit(setup_networks=shared.networks, setup_ports=shared.ports)
+            shared.firewall_committed = True
         if localnet and self.firewall.driver_name != "none":
             writes = [(f"net/ipv4/conf/{br}/route_localnet", "1", False) for br in sorted(localnet)]
             await run_in_netns(self._host_fd, lambda: write_sysctls_sync(writes))
         entries = [dns_entry(w.container.options, a) for w in done for a in w.attachments
                    if a.network.dns_enabled]
         if entries:
-            try:
-                await self.dns.commit(add=entries)
-            except AsyncnetError:
-                with anyio.CancelScope(shield=True):
-                    if nets:
-                        await self.firewall.commit(teardown_ports=ports)
-                    await self.dns.commit(remove=[(e.network.name, e.container_id) for e in entries])
-                raise
+            shared.dns = [(e.network.name, e.container_id) for e in entries]
+            await self.dns.commit(add=entries)
+
+    async def _undo_shared(self, shared: _Shared, bridges: dict[str, BridgeHandle]) -> None:
+        """Best effort (the original error is what the caller must see): the batch's port rules go, and
+        the network rules of bridges this batch created (they go with the rollback)."""
+        try:
+            if shared.firewall_committed:
+                created = {h.name for h in bridges.values() if h.created}
+                await self.firewall.commit(teardown_ports=shared.ports,
+                                           teardown_networks=[n for n in shared.networks if n.bridge in created])
+        except AsyncnetError:
+            pass
+        try:
+            if shared.dns:
+                await self.dns.commit(remove=shared.dns)
+        except AsyncnetError:
+            pass
 
     # ------------------------------------------------------------------------------------------------
     # teardown
@@ -502,6 +527,70 @@ class Engine:
             state = self.state
             await anyio.to_thread.run_sync(lambda: state.release(release))
         return [w.result for w in works]
+
+    # ------------------------------------------------------------------------------------------------
+    # recovery
+
+    async def gc(self) -> dict[str, Any]:
+        """Reconcile the kernel with the journal after a crash or a vanished container.
+
+        Removes what attachments left whose process died before finishing (``intent`` / ``removing``),
+        and attachments whose container namespace no longer exists: host veths, port rules, DNS entries,
+        journal rows and addresses; then bridges asyncnet created that have no port left, with their
+        network rules. Namespaces are never deleted. Idempotent: a second run finds nothing.
+        """
+        if self.state is None:
+            raise AsyncnetError("gc needs the state database (Engine(state=True))")
+        state = self.state
+        orphans = await anyio.to_thread.run_sync(state.orphans)
+        rows = await anyio.to_thread.run_sync(state.list_attachments)
+        targets = {r.key: r for r in orphans.attachments}
+        for r in rows:
+            if r.phase == "done" and (r.netns is None or _netns_gone(Netns(r.netns))):
+                targets[r.key] = r
+        names = [r.host_veth for r in targets.values() if r.host_veth]
+        missing: dict[str, AsyncnetError] = {}
+        await self._group_delete(names, _fresh_group(), errors=missing)
+        removed_links = [n for n in names if n not in missing]
+        intents = {k: intents_from_record(r.container_id, r.addresses, r.firewall)
+                   for k, r in targets.items() if r.firewall}
+        still_used = {r.bridge for r in rows if r.key not in targets}
+        removed_bridges: list[str] = []
+        complete: dict[str, NetworkFw] = {}
+        for r in targets.values():
+            if not r.bridge_created or r.bridge in still_used or r.bridge in removed_bridges:
+                continue
+            link = await self.host.get_link(r.bridge)
+            if link is not None and await self.host.port_names(link["index"]):
+                continue
+            if link is not None:
+                try:
+                    await self.host.delete_link(r.bridge, "gc: delete bridge")
+                    removed_bridges.append(r.bridge)
+                except NetlinkOpError as exc:
+                    if exc.code != errno.ENODEV:
+                        raise
+            nf = intents[r.key].network if r.key in intents else None
+            if nf is not None:
+                complete[nf.network_id] = nf
+        ports = [i.port for i in intents.values() if i.port is not None]
+        if ports or complete:
+            await self.firewall.commit(teardown_ports=ports, teardown_networks=list(complete.values()))
+        dns = [(i.dns_network, k[0]) for k, i in intents.items() if i.dns_network]
+        if dns:
+            await self.dns.commit(remove=dns)
+        keys = list(targets) + [(a.container_id, a.network) for a in orphans.allocations]
+        released = await anyio.to_thread.run_sync(lambda: state.release(keys))
+        return {
+            "attachments": [{"container_id": r.container_id, "network": r.network, "phase": r.phase,
+                             "netns": r.netns} for r in targets.values()],
+            "links": removed_links,
+            "bridges": removed_bridges,
+            "port_rules": [f"{p.container_id}/{p.network.network_name}" for p in ports],
+            "networks": [n.network_name for n in complete.values()],
+            "dns_entries": [f"{c}/{n}" for n, c in dns],
+            "allocations": [f"{a.network}:{a.address}" for a in released.allocations],
+        }
 
     async def _delete_static_routes(self, w: _Work) -> list[AsyncnetError]:
         """netavark deletes a network's static routes in the container before its veth. A namespace that

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -33,11 +34,26 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--concurrency", type=int, default=64)
         s.add_argument("--host-netns", default=None, help="run against this namespace as 'the host'")
         s.add_argument("batch", help="batch JSON file ('-' for stdin)")
+    for name, helptext in (("status", "print the attachments and addresses the state knows"),
+                           ("gc", "remove what crashed or vanished containers left behind")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--config", default=DEFAULT_CONFIG)
+        if name == "gc":
+            s.add_argument("--firewall-driver", default=os.environ.get("NETAVARK_FW") or "nftables")
+            s.add_argument("--host-netns", default=None, help="run against this namespace as 'the host'")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command in ("status", "gc"):
+        try:
+            out = anyio.run(_maintain, args, backend="asyncio")
+        except AsyncnetError as exc:
+            _print({"error": str(exc)})
+            raise SystemExit(1) from None
+        _print(out)
+        return
     try:
         raw = sys.stdin.buffer.read() if args.batch == "-" else open(args.batch, "rb").read()
         spec = load_batch(raw)
@@ -47,9 +63,52 @@ def main(argv: Sequence[str] | None = None) -> None:
     except AsyncnetError as exc:
         _print({"error": str(exc)})
         raise SystemExit(1) from None
-    report = anyio.run(_run, args, spec, backend="asyncio")
+    report, signum = anyio.run(_run_interruptible, args, spec, backend="asyncio")
     _print(report)
+    if signum:
+        raise SystemExit(128 + signum)
     raise SystemExit(1 if any("error" in v for v in report.values()) else 0)
+
+
+async def _maintain(args: argparse.Namespace) -> dict[str, Any]:
+    if args.command == "status":
+        from ..state import State
+
+        def read() -> dict[str, Any]:
+            with State.open(args.config) as state:
+                return state.status()
+
+        return await anyio.to_thread.run_sync(read)
+    async with Engine(config_dir=args.config, firewall=args.firewall_driver, host_netns=args.host_netns) as eng:
+        return await eng.gc()
+
+
+async def _run_interruptible(args: argparse.Namespace, spec: BatchSpec) -> tuple[dict[str, Any], int]:
+    """SIGTERM/SIGINT: `up` is cancelled (the engine rolls the batch back), `down` finishes first;
+    either way the report is printed and the exit status says we were interrupted."""
+    got: list[int] = []
+    report: dict[str, Any] = {}
+    async with anyio.create_task_group() as tg:
+        work_scope = anyio.CancelScope(shield=args.command == "down")
+
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    got.append(signum)
+                    if args.command == "up":
+                        work_scope.cancel()
+                    return
+
+        tg.start_soon(watch)
+        with work_scope:
+            report = await _run(args, spec)
+        tg.cancel_scope.cancel()
+    if got and args.command == "up":
+        interrupted = {"error": f"interrupted by signal {got[0]}; batch rolled back"}
+        report = dict(spec.errors) | {c.options.container_id: interrupted for c in spec.containers
+                                      if c.options.container_id not in report or
+                                      "error" not in report[c.options.container_id]}
+    return report, (got[0] if got else 0)
 
 
 def _print(obj: Any) -> None:
@@ -106,8 +165,8 @@ def _is_named(c: Container) -> bool:
 
 
 def _down_entry(r: Result) -> dict[str, Any]:
-    if r.error is None:
-        return {"status": "removed"}
     if r.not_set_up:
         return {"status": "not set up"}
+    if r.error is None:
+        return {"status": "removed"}
     return {"error": str(r.error)}
