@@ -88,7 +88,7 @@ async def _vrf_index(host: Netlink, vrf: str) -> int:
                              code=errno.ENODEV)
     kind = Netlink.kind_of(link)
     if kind != "vrf":
-        raise AsyncnetError(f"vrf interface {vrf} already exists but is a {kind} interface")
+        raise AsyncnetError(f"vrf {vrf} already exists but is a {kind} interface")  # netavark's wording
     return int(link["index"])
 
 

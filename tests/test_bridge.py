@@ -533,3 +533,43 @@ async def test_batch_with_one_bad_container(sandbox: Sandbox) -> None:
     await down(sandbox, c1, d1)
     sandbox.run(["ip", "link", "del", "eth0"], c2)
     assert_only_lo(sandbox, None, c1, c2)
+
+
+def _have_vrf(sb: Sandbox) -> bool:
+    probe = sb.run(["ip", "link", "add", "vrf-probe", "type", "vrf", "table", "10"], check=False)
+    if probe.returncode != 0:
+        return False
+    sb.run(["ip", "link", "del", "vrf-probe"])
+    return True
+
+
+async def test_vrf_master(sandbox: Sandbox) -> None:
+    if not _have_vrf(sandbox):
+        pytest.skip("kernel has no vrf support (no `vrf` module on this machine)")
+    sandbox.run(["ip", "link", "add", "vrf0", "type", "vrf", "table", "10"])
+    c = sandbox.netns("c1")
+    doc = options(1, [(network(options={"vrf": "vrf0"}), {"interface_name": "eth0", "static_ips": ["10.88.0.2"]})])
+    await up(sandbox, c, doc)
+    assert link(sandbox, "podman0").get("master") == "vrf0"
+    await down(sandbox, c, doc)
+    sandbox.run(["ip", "link", "del", "vrf0"])
+    assert_only_lo(sandbox, None, c)
+
+
+async def test_vrf_missing(sandbox: Sandbox) -> None:
+    c = sandbox.netns("c1")
+    doc = options(1, [(network(options={"vrf": "vrf0"}), {"interface_name": "eth0", "static_ips": ["10.88.0.2"]})])
+    [res] = await setup(sandbox, (c, doc))
+    assert str(res.error) == "get vrf to set up bridge interface: Netlink error: No such device (os error 19)"
+    assert_only_lo(sandbox, None, c)
+
+
+async def test_vrf_is_not_a_vrf(sandbox: Sandbox) -> None:
+    add_veth(sandbox, "vrf0", "vrf0p")
+    c = sandbox.netns("c1")
+    doc = options(1, [(network(options={"vrf": "vrf0"}), {"interface_name": "eth0", "static_ips": ["10.88.0.2"]})])
+    [res] = await setup(sandbox, (c, doc))
+    assert str(res.error) == "vrf vrf0 already exists but is a veth interface"
+    assert link_names(sandbox) == ["lo", "vrf0", "vrf0p"]
+    assert_only_lo(sandbox, c)
+    sandbox.run(["ip", "link", "del", "vrf0"])
