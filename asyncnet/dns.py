@@ -6,27 +6,34 @@ re-reading *every* file in that directory and binding again, so a reload per con
 listener teardowns, each of which drops the queries in flight. Here a whole batch is one ``commit()``:
 every changed file is rewritten once, then the daemon is started, signalled or stopped once.
 
-What was measured on 1.4.0 (inside private namespaces) and what the code does about it:
+What was measured on 1.4.0 (inside private namespaces; ``bench/aardvark_reload.py`` reproduces it) and
+what the code does about it:
 
 * The starter process returns before the daemon has bound anything (~3 ms, nothing listening yet), and a
   SIGHUP returns at once, so "commit returned" would not mean "names resolve". ``commit()`` therefore
   waits until the daemon owns a *new* UDP socket on every gateway (seen in ``/proc/<pid>/net/udp*``):
   the config is parsed before the listeners are bound, so new sockets prove the new config is loaded.
-  That takes ~4 ms for 3 dual-stack networks, ~12 ms with 1000 entries per network.
+  That takes ~4 ms for 3 dual-stack networks, ~9-12 ms with 1000 entries per network; a whole
+  ``commit()`` of 100 new entries to a running daemon ~5 ms, of 1000 ~16 ms.
 * aardvark-dns reads every file in its directory, and a file that vanishes between its directory scan
-  and its open (the usual temp-file-then-rename dance done *inside* that directory), or one read while
-  half written, makes it exit with status 1: DNS is then gone for good. That is how reloads "stop
-  answering for good". Temp files therefore live in ``<config>`` and are renamed into the directory; with
-  that, 50 back-to-back SIGHUPs with changing files and 100 reloads under 20 concurrent query loops
-  never killed or wedged it (the loss is ~1% of queries *during* reloads, a timeout each).
-* A restart (SIGTERM, wait, start) loses the same in-flight query per event and takes longer (7.5 ms vs
-  4 ms until all listeners are bound; 19 vs 12 ms with 1000 entries per network), so a batch signals
-  once; if a reload does not show up within ``ready_timeout`` the daemon is restarted instead.
+  and its open (the usual temp-file-then-rename dance done *inside* that directory) makes it exit with
+  status 1: DNS is then gone for good (6 of 8 runs of 20 back-to-back reloads). That is the way we
+  found for reloads to "stop answering for good"; a file read while half written (netavark rewrites in
+  place) plausibly fails the same way. Temp files therefore live in ``<config>`` and are renamed into
+  the directory; with that, 50 back-to-back SIGHUPs with changing files and 100 reloads under 20
+  concurrent query loops never killed or wedged it (~1% of queries *during* reloads are lost, a
+  timeout each for the client).
+* A restart (SIGTERM, wait, start) loses as many in-flight queries per event (1-1.6 for a client
+  querying flat out, either way) and takes longer until all listeners are bound (7.5 vs 4.3 ms; 19-28
+  vs 9-12 ms with 1000 entries per network), so a batch signals once; only if a reload does not show
+  up within ``ready_timeout`` (or the daemon died) is it restarted instead.
 * A listener that cannot bind (port taken, gateway address missing) is skipped silently and the daemon
   keeps running; the wait above turns that into netavark's newer ``failed to bind udp listener`` error.
 * SIGTERM ends it at once but leaves ``aardvark.pid`` behind (we remove it); with no config left a SIGHUP
   makes it exit by itself, but only after ~1.9 s, so the last teardown stops it with SIGTERM.
-* It binds UDP only; queries from the host namespace are answered as if asked from that network.
+* It binds UDP only. Names are scoped by listener: a query to a network's gateway is answered from that
+  network's entries, also when it comes from the host or from a container that can route to another
+  network's gateway (keeping containers apart is the firewall's isolation, not DNS).
 
 The daemon runs in the engine's host namespace: it is spawned from a worker thread that has entered that
 namespace (a child inherits the namespaces of the thread that forks it), so no ``nsenter`` is needed.
@@ -281,6 +288,7 @@ class _Plan:
     old: dict[str, str | None]  # what to restore on failure
     entries_after: bool  # any network file left afterwards
     bind_networks: set[str]  # networks that got entries: their listeners must come up
+    atomic: bool  # undo the files if the daemon fails (setup, update); pure removals always stand
 
 
 class Aardvark:
@@ -384,27 +392,27 @@ class Aardvark:
             new = f.render() if f is not None else None
             if new != old[name]:
                 changes[name] = new
-        return self._finish_plan(changes, old, {e.network.name for e in add})
+        return self._finish_plan(changes, old, {e.network.name for e in add}, atomic=bool(add))
 
     def _plan_update_sync(self, name: str, servers: tuple[IPAddress, ...]) -> _Plan:
         text = self._read_sync(name)
         if text is None:
-            return self._finish_plan({}, {}, set())
+            return self._finish_plan({}, {}, set(), atomic=True)
         f = NetworkFile.parse(text)
         f.header = network_header([f.header.split(" ", 1)[0]], servers)
         new = f.render()
         changes = {name: new} if new is not None and new != text else {}
-        return self._finish_plan(changes, {name: text}, set())
+        return self._finish_plan(changes, {name: text}, set(), atomic=True)
 
     def _finish_plan(self, changes: dict[str, str | None], old: dict[str, str | None],
-                     bind_networks: set[str]) -> _Plan:
+                     bind_networks: set[str], *, atomic: bool) -> _Plan:
         after = set(self._network_files_sync())
         for name, text in changes.items():
             if text is None:
                 after.discard(name)
             else:
                 after.add(name)
-        return _Plan(changes, {n: old.get(n) for n in changes}, bool(after), bind_networks)
+        return _Plan(changes, {n: old.get(n) for n in changes}, bool(after), bind_networks, atomic)
 
     def _write_sync(self, changes: dict[str, str | None]) -> None:
         """Atomic per file: write a temp file *outside* the directory aardvark-dns reads (see the module
@@ -561,10 +569,12 @@ class Aardvark:
             delay = min(delay * 2, 0.02)
 
     async def _apply(self, plan: _Plan) -> None:
-        """Write the plan, bring the daemon in line, and undo the files if that fails."""
+        """Write the plan and bring the daemon in line. An atomic plan (setup, update) is undone when
+        that fails, so a failed setup leaves nothing behind; a teardown's removals stand even when the
+        daemon for the remaining entries cannot be reloaded (the error is still raised)."""
         daemon = await anyio.to_thread.run_sync(self._find_daemon_sync)
         try:
-            if plan.entries_after and daemon is None and not await anyio.to_thread.run_sync(
+            if plan.atomic and plan.entries_after and daemon is None and not await anyio.to_thread.run_sync(
                     self._executable_sync):
                 raise _not_executable(self.binary)  # before any file is written
             if plan.changes:
@@ -572,8 +582,9 @@ class Aardvark:
             try:
                 await self._converge(daemon, bool(plan.changes), plan.bind_networks)
             except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await self._rollback(plan)
+                if plan.atomic:
+                    with anyio.CancelScope(shield=True):
+                        await self._rollback(plan)
                 raise
         finally:
             if daemon is not None:

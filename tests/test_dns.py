@@ -504,3 +504,25 @@ async def test_bind_failure_rolls_back_only_the_failed_commit(sandbox: Sandbox) 
         assert dig(sandbox, a.ns, good.gw4, "alpha") == [str(a.v4)]
     finally:
         await dns.stop()
+
+
+@needs_aardvark
+async def test_teardown_removals_stand_when_the_daemon_cannot_be_restarted(sandbox: Sandbox,
+                                                                          aardvark: Aardvark) -> None:
+    """Setup is all-or-nothing; teardown is not: its entries go even if DNS for the rest is broken."""
+    net = Net(sandbox, 1, dual=False)
+    a, b = net.containers([2, 3])
+    await aardvark.commit(add=[net.entry(a, "a1"), net.entry(b, "b1")])
+    pid = daemon_pid(aardvark)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    while alive(pid):  # noqa: ASYNC110 - a foreign process: no event to wait on
+        await anyio.sleep(0.01)
+
+    broken = Aardvark(sandbox.config_dir, "/usr/bin/false", 53, Netns(sandbox.host))
+    with pytest.raises(DnsError, match="exited unexpectedly without error message"):
+        await broken.commit(remove=[(net.name, a.cid)])
+    text = (aardvark.dns_dir / net.name).read_text()
+    assert a.cid not in text and b.cid in text
+    await broken.commit(remove=[(net.name, b.cid)])  # the last one: nothing to start, no error
+    assert dir_listing(aardvark) == []
