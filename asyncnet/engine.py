@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 
 from .bridge import BridgeHandle, configure_container, create_veths, ensure_bridge, prepare_container_sync
+from .bridgelock import BridgeLocks
 from .dns import Aardvark, DnsEntry, DnsNetwork
 from .errors import AsyncnetError, ConfigError, IpamError, NetlinkOpError, combine
 from .firewall.nftables import firewall_driver
@@ -109,6 +110,7 @@ class Engine:
         self._host_fd: int | None = None
         self._use_state = state
         self.state: State | None = None
+        self.locks = BridgeLocks(self.config_dir)
 
     async def __aenter__(self) -> Engine:
         self._host_fd = self.host_netns.open() if self.host_netns.path else None
@@ -299,6 +301,12 @@ class Engine:
         networks = {a.bridge: a.network for w in live for a in w.attachments}
         if not networks:
             return
+        # shared: no teardown may delete one of these bridges between our check and our veths landing on it
+        async with self.locks.hold(networks, exclusive=False):
+            await self._setup_kernel_locked(live, networks, bridges, progress)
+
+    async def _setup_kernel_locked(self, live: list[_Work], networks: dict[str, Network],
+                                   bridges: dict[str, BridgeHandle], progress: Progress | None) -> None:
         await run_in_netns(self._host_fd, lambda: write_sysctls_sync(host_sysctls(list(networks.values()))))
         failed: dict[str, AsyncnetError] = {}
 
@@ -369,7 +377,11 @@ class Engine:
     async def _drop_unused_bridges(self, bridges: dict[str, BridgeHandle]) -> None:
         """Bridges this batch created but that ended up without ports (every container failed)."""
         for handle in bridges.values():
-            if handle.created and not await self.host.port_names(handle.index):
+            if not handle.created:
+                continue
+            async with self.locks.hold([handle.name], exclusive=True):
+                if await self.host.port_names(handle.index):
+                    continue
                 try:
                     await self.host.delete_link(handle.name, "rollback: delete bridge")
                 except NetlinkOpError as exc:
@@ -401,7 +413,7 @@ class Engine:
             await run_in_netns(self._host_fd, lambda: write_sysctls_sync(writes))
         entries = [dns_entry(w.container.options, a) for w in done for a in w.attachments
                    if a.network.dns_enabled]
-        if entries:
+        if entries and self.dns.installed:  # netavark skips DNS when aardvark-dns is not installed
             shared.dns = [(e.network.name, e.container_id) for e in entries]
             await self.dns.commit(add=entries)
 
@@ -469,7 +481,8 @@ class Engine:
         veth_errors: dict[str, AsyncnetError] = {}
         await self._group_delete(names, group, errors=veth_errors, contexts=contexts)
         gone_ns: set[int] = set()
-        for name, err in veth_errors.items():
+        order = {name: k for k, name in enumerate(names)}
+        for name, err in sorted(veth_errors.items(), key=lambda item: order[item[0]]):  # batch order
             i = owners[name]
             if err.code == errno.ENODEV and _netns_gone(works[i].container.netns):
                 gone_ns.add(i)  # the namespace took its veths along: nothing left to delete there
@@ -480,12 +493,13 @@ class Engine:
         complete: list[Network] = []
         for br, net in networks.items():
             try:
-                link = await self.host.get_link(br)
-                if link is None:
-                    complete.append(net)
-                elif not await self.host.port_names(link["index"]):
-                    await self.host.delete_link(br, "failed to delete bridge")
-                    complete.append(net)
+                async with self.locks.hold([br], exclusive=True):
+                    link = await self.host.get_link(br)
+                    if link is None:
+                        complete.append(net)
+                    elif not await self.host.port_names(link["index"]):
+                        await self.host.delete_link(br, "failed to delete bridge")
+                        complete.append(net)
             except AsyncnetError as exc:
                 for i, w in enumerate(works):
                     if any(a.bridge == br for a in w.attachments):
@@ -502,7 +516,7 @@ class Engine:
             for i in errors:
                 errors[i].append(exc)
         try:
-            if entries:
+            if entries and self.dns.installed:
                 await self.dns.commit(remove=entries)
         except AsyncnetError as exc:
             for i in errors:
@@ -560,16 +574,17 @@ class Engine:
         for r in targets.values():
             if not r.bridge_created or r.bridge in still_used or r.bridge in removed_bridges:
                 continue
-            link = await self.host.get_link(r.bridge)
-            if link is not None and await self.host.port_names(link["index"]):
-                continue
-            if link is not None:
-                try:
-                    await self.host.delete_link(r.bridge, "gc: delete bridge")
-                    removed_bridges.append(r.bridge)
-                except NetlinkOpError as exc:
-                    if exc.code != errno.ENODEV:
-                        raise
+            async with self.locks.hold([r.bridge], exclusive=True):
+                link = await self.host.get_link(r.bridge)
+                if link is not None and await self.host.port_names(link["index"]):
+                    continue
+                if link is not None:
+                    try:
+                        await self.host.delete_link(r.bridge, "gc: delete bridge")
+                        removed_bridges.append(r.bridge)
+                    except NetlinkOpError as exc:
+                        if exc.code != errno.ENODEV:
+                            raise
             nf = intents[r.key].network if r.key in intents else None
             if nf is not None:
                 complete[nf.network_id] = nf
@@ -577,7 +592,7 @@ class Engine:
         if ports or complete:
             await self.firewall.commit(teardown_ports=ports, teardown_networks=list(complete.values()))
         dns = [(i.dns_network, k[0]) for k, i in intents.items() if i.dns_network]
-        if dns:
+        if dns and self.dns.installed:
             await self.dns.commit(remove=dns)
         keys = list(targets) + [(a.container_id, a.network) for a in orphans.allocations]
         released = await anyio.to_thread.run_sync(lambda: state.release(keys))
