@@ -573,3 +573,29 @@ async def test_vrf_is_not_a_vrf(sandbox: Sandbox) -> None:
     assert link_names(sandbox) == ["lo", "vrf0", "vrf0p"]
     assert_only_lo(sandbox, c)
     sandbox.run(["ip", "link", "del", "vrf0"])
+
+
+async def test_setup_racing_teardown_of_the_last_port(sandbox: Sandbox) -> None:
+    """A setup onto a bridge whose last port is being torn down at the same moment must end up on a
+    bridge (recreated if need be): never an error, never its veth silently detached."""
+    c1, c2 = sandbox.netns("c1"), sandbox.netns("c2")
+    d1, d2 = simple(1, "10.88.0.2"), simple(2, "10.88.0.3")
+    results: dict[str, Result] = {}
+
+    async def td() -> None:
+        [results["teardown"]] = await teardown(sandbox, (c1, d1))
+
+    async def su(delay: float) -> None:
+        await anyio.sleep(delay)
+        [results["setup"]] = await setup(sandbox, (c2, d2))
+
+    for i in range(16):  # sweep the setup's start across the teardown's bridge check → delete window
+        await up(sandbox, c1, d1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(td)
+            tg.start_soon(su, i * 0.002)
+        assert results["teardown"].error is None and results["setup"].error is None, results
+        assert len(ports(sandbox, "podman0")) == 1, "the new veth is not on the bridge"
+        assert ping(sandbox, c2, "10.88.0.1")
+        await down(sandbox, c2, d2)
+    assert_only_lo(sandbox, None, c1, c2)
