@@ -11,7 +11,6 @@ import json
 import os
 import re
 import subprocess
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -152,7 +151,6 @@ def test_twenty_concurrent_processes_one_new_bridge(sandbox: Sandbox) -> None:
             results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
         return results
 
-    started = time.monotonic()
     results = run_all("setup")
     assert [(r.returncode, r.stderr) for r in results] == [(0, b"")] * n, [r.stdout for r in results]
     assert all(list(json.loads(r.stdout)) == ["podman"] for r in results)
@@ -161,7 +159,6 @@ def test_twenty_concurrent_processes_one_new_bridge(sandbox: Sandbox) -> None:
     results = run_all("teardown")
     assert [(r.returncode, r.stdout) for r in results] == [(0, b"")] * n, [r.stdout for r in results]
     assert_only_lo(sandbox, None, *nss)
-    assert time.monotonic() - started < 30
 
 
 # --------------------------------------------------------------------------------------------------
