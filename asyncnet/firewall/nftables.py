@@ -25,6 +25,8 @@ import logging
 import os
 import pathlib
 import shutil
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -44,12 +46,15 @@ from .ruleset import (
     FAMILY,
     TABLE,
     NetworkFw,
+    Plan,
     PortFw,
+    PortKey,
+    RuleRef,
     Table,
     Unrenderable,
+    build_plan,
     chains_to_read,
     parse_host_ip,
-    plan_transaction,
     render_text,
 )
 
@@ -59,6 +64,7 @@ FIREWALL_DIR = "firewall"
 DRIVER_FILE = "firewall-driver"
 NETWORKS_DIR = "networks"
 PORTS_DIR = "ports"
+HANDLES_DIR = "handles"  # asyncnet's own cache (netavark reads only networks/ and ports/)
 LOCK_FILE = "nftables.lock"
 HASH_NAME_LEN = 13  # netavark's network_hash_name: sha512(name) in upper-case hex, 13 chars
 
@@ -99,7 +105,9 @@ def _gc_paused() -> Iterator[None]:
                 gc.enable()
 
 
-def _nft_error(text: str) -> FirewallError:
+def _nft_error(text: str | bytes) -> FirewallError:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
     text = " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
     return FirewallError(f"nftables error: {text or 'nft failed without a message'}")
 
@@ -120,7 +128,9 @@ class _Backend(Protocol):
 
     def list(self, what: str) -> bytes | str | None: ...
 
-    def apply(self, payload: bytes, *, json_input: bool) -> None: ...
+    def table_handle(self) -> int | None: ...
+
+    def apply(self, payload: bytes, *, json_input: bool, record: bool = False) -> list[RuleRef] | None: ...
 
 
 class _LibBackend:
@@ -134,21 +144,40 @@ class _LibBackend:
         import nftables  # noqa: F401 - fail here (ImportError) when the module is missing
 
         self._module = nftables
-        self._ctx: Any = None
+        self._reader: Any = None
+        self._writer: Any = None
+        self._listener: _RuleListener | None = None
         self._lock = threading.Lock()
 
-    def _context(self) -> Any:
-        # created on first use, i.e. inside the host netns: its netlink socket belongs there
-        if self._ctx is None:
+    def _context(self, *, writer: bool = False) -> Any:
+        """Two contexts, created on first use, i.e. inside the host netns (their netlink sockets
+        belong there). Reads and writes use different ones: after a ``list chain`` the context's
+        cache makes the next transaction 3-4x slower (measured with libnftables 1.0.6)."""
+        ctx = self._writer if writer else self._reader
+        if ctx is None:
             ctx = self._module.Nftables()
             ctx.set_json_output(True)  # on 1.0.6, JSON *input* is only recognised with this set
-            self._ctx = ctx
-        return self._ctx
+            if writer:
+                self._writer = ctx
+            else:
+                self._reader = ctx
+        return ctx
 
     def probe(self) -> None:
         """Load libnftables.so now (OSError when the library is not installed)."""
         with self._lock:
             self._context()
+            self._context(writer=True)
+
+    def _netlink(self) -> _RuleListener | None:
+        if self._listener is None:
+            self._listener = _RuleListener.open()
+        return self._listener
+
+    def table_handle(self) -> int | None:
+        with self._lock:
+            nl = self._netlink()
+            return nl.table_handle() if nl is not None else None
 
     def list(self, what: str) -> str | None:
         """``list …`` as JSON; None when the object does not exist."""
@@ -160,13 +189,193 @@ class _LibBackend:
             raise _nft_error(err)
         return out
 
-    def apply(self, payload: bytes, *, json_input: bool) -> None:
-        # either syntax goes through the same call: with JSON output on, 1.0.6 tries JSON first and
-        # falls back to the text parser (a text batch fails the JSON parse at its first byte)
+    def apply(self, payload: bytes, *, json_input: bool, record: bool = False) -> list[RuleRef] | None:
+        """One transaction. ``record``: also return the (chain, handle) of every rule it added.
+
+        Either syntax goes through the same call: with JSON output on, 1.0.6 tries JSON first and
+        falls back to the text parser (a text batch fails the JSON parse at its first byte). New
+        handles come from the kernel's own notifications, not from nft's ``--echo``: echo makes
+        libnftables load its whole cache (150-200 ms on an 8000-rule table, for one new rule).
+        """
         with self._lock:
-            rc, _out, err = self._context().cmd(payload)
-        if rc != 0:
-            raise _nft_error(err)
+            listener = self._netlink() if record else None
+            if listener is not None and not listener.start():
+                listener = None
+            try:
+                rc, _out, err = self._context(writer=True).cmd(payload)
+                if rc != 0:
+                    raise _nft_error(err)
+                return listener.collect() if listener is not None else None
+            finally:
+                if listener is not None:
+                    listener.stop()
+
+
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWTABLE = 0
+NFT_MSG_NEWRULE = 6
+NFT_MSG_NEWGEN = 15
+NFPROTO_INET = 1
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_DROP_MEMBERSHIP = 2
+SO_RCVBUFFORCE = 33
+
+
+NFT_MSG_GETTABLE = 1
+NLM_F_REQUEST = 1
+NLMSG_ERROR = 2
+NFTA_TABLE_NAME = 1
+NFTA_TABLE_HANDLE = 4
+
+
+def _table_handle_request(seq: int) -> bytes:
+    name = TABLE.encode() + b"\0"
+    attr = struct.pack("=HH", 4 + len(name), NFTA_TABLE_NAME) + name + b"\0" * (-len(name) % 4)
+    body = struct.pack("=BBH", NFPROTO_INET, 0, 0) + attr
+    return struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
+                       NLM_F_REQUEST, seq, 0) + body
+
+
+def _parse_table_handle(data: bytes) -> int | None:
+    if len(data) < 20:
+        return None
+    length, mtype = struct.unpack_from("=IH", data)
+    if mtype == NLMSG_ERROR or mtype & 0xFF != NFT_MSG_NEWTABLE:
+        return None  # ENOENT: no table
+    a = 20
+    while a + 4 <= min(length, len(data)):
+        alen, atype = struct.unpack_from("=HH", data, a)
+        if alen < 4:
+            break
+        if atype & 0x3FFF == NFTA_TABLE_HANDLE and alen == 12:
+            return int.from_bytes(data[a + 4:a + 12], "big")
+        a += (alen + 3) & ~3
+    return None
+
+
+class _RuleListener:
+    """A NETLINK_NETFILTER socket kept for the backend's lifetime (in the host netns): asks for the
+    table's handle, and learns the new rules' handles from the kernel's notifications.
+
+    The table handle tells a table from a re-created one (``nft flush ruleset`` + reload): chain
+    and rule handles restart with a new table, the table handle does not. libnftables has no cheap
+    way to ask (``list tables`` loads its whole cache: ~10 ms at 150 containers, growing).
+
+    The kernel announces each committed rule (table, chain, handle) in commit order, then a NEWGEN
+    message naming the committing thread. Only what the kernel sends is parsed (nlmsghdr, nfgenmsg,
+    three attributes); anything unexpected (a lost message, a foreign transaction in between) makes
+    :meth:`collect` return None and nothing is recorded.
+
+    One socket per backend, subscribed only around a transaction (:meth:`start`/:meth:`stop`): a
+    subscribed socket makes the kernel build notifications for every change in the namespace, and
+    closing a netfilter netlink socket right after a transaction costs ~10 ms here (measured), more
+    than the transaction itself.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._seq = 0
+
+    def table_handle(self) -> int | None:
+        """``inet netavark``'s handle, or None when there is no such table."""
+        self._drain()
+        self._seq += 1
+        try:
+            self.sock.send(_table_handle_request(self._seq))
+            self.sock.settimeout(5)
+            try:
+                while True:
+                    data = self.sock.recv(65536)
+                    if len(data) >= 16 and struct.unpack_from("=I", data, 8)[0] == self._seq:
+                        return _parse_table_handle(data)
+            finally:
+                self.sock.setblocking(False)
+        except OSError:
+            return None
+
+    @classmethod
+    def open(cls) -> _RuleListener | None:
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+        except OSError:
+            return None
+        try:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)  # 8000 rules: ~4 MB
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
+            sock.bind((0, 0))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            return None
+        return cls(sock)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                if not self.sock.recv(1 << 20):
+                    return
+            except BlockingIOError:
+                return
+            except OSError:
+                continue  # ENOBUFS is reported once; keep draining
+
+    def start(self) -> bool:
+        self._drain()
+        try:
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        try:
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, NFNLGRP_NFTABLES)
+        except OSError:
+            pass
+        self._drain()
+
+    def collect(self) -> list[RuleRef] | None:
+        """The rules of this thread's transaction, in commit order (all queued when the call returns)."""
+        me = threading.get_native_id()
+        rules: list[RuleRef] = []
+        unpack_hdr, unpack_attr = struct.Struct("=IHH").unpack_from, struct.Struct("=HH").unpack_from
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                return None  # our NEWGEN never came
+            except OSError:
+                return None  # ENOBUFS: notifications were dropped
+            off = 0
+            while off + 20 <= len(data):
+                length, mtype, _flags = unpack_hdr(data, off)
+                if length < 20:
+                    return None
+                if mtype >> 8 == NFNL_SUBSYS_NFTABLES and (mtype & 0xFF) in (NFT_MSG_NEWRULE, NFT_MSG_NEWGEN):
+                    attrs: dict[int, bytes] = {}
+                    a, end = off + 20, off + length
+                    while a + 4 <= end:
+                        alen, atype = unpack_attr(data, a)
+                        if alen < 4:
+                            break
+                        attrs[atype & 0x3FFF] = data[a + 4:a + alen]
+                        a += (alen + 3) & ~3
+                    if mtype & 0xFF == NFT_MSG_NEWGEN:
+                        pid = attrs.get(2)
+                        if pid is not None and int.from_bytes(pid, "big") == me:
+                            return rules
+                        rules = []  # another transaction's notifications: not ours
+                    elif data[off + 16] == NFPROTO_INET and attrs.get(1) == TABLE.encode() + b"\0":
+                        chain, handle = attrs.get(2), attrs.get(3)
+                        if chain is None or handle is None:
+                            return None
+                        rules.append((chain[:-1].decode(), int.from_bytes(handle, "big")))
+                off += (length + 3) & ~3
 
 
 class _CliBackend:
@@ -187,6 +396,9 @@ class _CliBackend:
         except OSError as exc:
             raise FirewallError(f"nftables error: {io_error_text(exc)}") from None
 
+    def table_handle(self) -> int | None:
+        return None  # handle hints are only used with libnftables
+
     def list(self, what: str) -> bytes | None:
         proc = self._run(["-j", "list", *what.split()])
         if proc.returncode != 0:
@@ -196,10 +408,11 @@ class _CliBackend:
             raise _nft_error(err)
         return proc.stdout
 
-    def apply(self, payload: bytes, *, json_input: bool) -> None:
+    def apply(self, payload: bytes, *, json_input: bool, record: bool = False) -> list[RuleRef] | None:
         proc = self._run(["-j", "-f", "-"] if json_input else ["-f", "-"], payload)
         if proc.returncode != 0:
             raise _nft_error(proc.stderr.decode(errors="replace"))
+        return None  # no handle hints through the binary: it reads the whole table anyway
 
 
 # --------------------------------------------------------------------------------------------------
@@ -515,23 +728,99 @@ class NftablesFirewall:
                 journal.rollback()
                 raise
 
-    def _read_plan_apply(self, backend: _Backend, **plan_args: Any) -> None:
+    def _read_plan_apply(self, backend: _Backend, *, use_hints: bool = True, **plan_args: Any) -> None:
         stats = CommitStats()
+        record = backend.selective and not self.rootless
         t0 = time.perf_counter()
         with _gc_paused():
-            table = _read_table(backend, chains_to_read(**plan_args))
+            if backend.selective:
+                table = _read_index(backend, with_handle=record)
+                hints = self._load_hints(table, plan_args) if record and use_hints else {}
+                _read_chains(backend, table, chains_to_read(**plan_args, handle_hints=hints))
+            else:
+                table, hints = Table.from_json(backend.list(f"table {FAMILY} {TABLE}")), {}
             t1 = time.perf_counter()
-            cmds = plan_transaction(table, **plan_args)
+            plan = build_plan(table, **plan_args, handle_hints=hints)
+            cmds = plan.commands
             payload, json_input = self._encode(cmds) if cmds else (b"", False)
         t2 = time.perf_counter()
         if cmds:
-            backend.apply(payload, json_input=json_input)
+            try:
+                added = backend.apply(payload, json_input=json_input, record=record and bool(plan.owners))
+            except FirewallError:
+                if not hints:
+                    raise
+                # a recorded handle may have been deleted behind our back (ENOENT fails the batch):
+                # nothing was applied, so plan again from the chains' contents
+                log.info("retrying the firewall transaction without recorded rule handles")
+                self._read_plan_apply(backend, use_hints=False, **plan_args)
+                return
             with self._count_lock:
                 self.transactions += 1
+        for pf in plan_args.get("teardown_ports", ()):  # their rules are gone: so are the records
+            self._handles_path(pf.key).unlink(missing_ok=True)
+        if cmds and record and (plan.owners or plan.kept):
+            self._record_handles(backend, plan, added)
         t3 = time.perf_counter()
         stats.read_s, stats.plan_s, stats.apply_s, stats.total_s = t1 - t0, t2 - t1, t3 - t2, t3 - t0
         stats.rules_before, stats.commands = len(table), len(cmds)
         self.last_stats = stats
+
+    # -- recorded rule handles ----------------------------------------------------------------------
+
+    def _handles_path(self, key: PortKey) -> pathlib.Path:
+        return self.config_dir / FIREWALL_DIR / HANDLES_DIR / f"{key[0]}_{key[1]}"
+
+    def _load_hints(self, table: Table, plan_args: dict[str, Any]) -> dict[PortKey, list[RuleRef]]:
+        """Recorded handles of containers torn down one by one, if the table and chains are the same
+        objects as when they were recorded (handles are never reused within a table's lifetime)."""
+        torn = {n.network_id for n in plan_args.get("teardown_networks", ())}
+        hints: dict[PortKey, list[RuleRef]] = {}
+        for pf in plan_args.get("teardown_ports", ()):
+            if not pf.port_mappings or pf.network.network_id in torn:
+                continue
+            data = self._read_handles(pf.key, table)
+            if data is not None:
+                hints[pf.key] = data
+        return hints
+
+    def _read_handles(self, key: PortKey, table: Table) -> list[RuleRef] | None:
+        try:
+            data = orjson.loads(self._handles_path(key).read_bytes())
+            if table.handle is None or data["table"] != table.handle:
+                return None
+            if any(table.chains.get(chain) != handle for chain, handle in data["chains"].items()):
+                return None
+            return [(str(chain), int(handle)) for chain, handle in data["rules"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _record_handles(self, backend: _Backend, plan: Plan, added: list[RuleRef] | None) -> None:
+        """Write, per container, the handles of its port rules (best effort: a miss only costs a read)."""
+        refs: dict[PortKey, list[RuleRef]] = {k: list(v) for k, v in plan.kept.items()}
+        if plan.owners:
+            handles = match_new_handles(added, plan.commands)
+            if handles is None:
+                log.debug("could not match the kernel's notifications to the batch; not recording handles")
+                for key in set(plan.owners.values()):
+                    self._handles_path(key).unlink(missing_ok=True)
+                return
+            for idx, key in plan.owners.items():
+                refs.setdefault(key, []).append((_rule_chain(plan.commands[idx]), handles[idx]))
+        after = _read_index(backend, with_handle=True)
+        directory = self.config_dir / FIREWALL_DIR / HANDLES_DIR
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            for key, rules in refs.items():
+                previous = self._read_handles(key, after) or []  # a repeated setup adds duplicates
+                rules = list(dict.fromkeys([*previous, *rules]))
+                chains = {chain: after.chains.get(chain) for chain, _h in rules}
+                path = self._handles_path(key)
+                tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+                tmp.write_bytes(orjson.dumps({"table": after.handle, "chains": chains, "rules": rules}))
+                os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("could not record firewall rule handles: %s", exc)
 
     def _encode(self, cmds: list[dict[str, Any]]) -> tuple[bytes, bool]:
         if self.syntax == "text":
@@ -571,14 +860,22 @@ class NftablesFirewall:
             raise FirewallError(f"write firewall config: {io_error_text(exc)}") from None
 
 
-def _read_table(backend: _Backend, needed: set[str]) -> Table:
-    """netavark's "one read of the table", reduced to what the plan looks at when calls are cheap."""
-    if not backend.selective:
-        return Table.from_json(backend.list(f"table {FAMILY} {TABLE}"))
+def _read_index(backend: _Backend, *, with_handle: bool = False) -> Table:
+    """The chains' names and handles (no rules), and the table's handle when asked: tiny reads.
+
+    Runs in the host netns thread (the GETTABLE socket is opened there)."""
     table = Table(loaded=set())
     raw = backend.list(f"chains {FAMILY}")
     if raw is not None:
         table.merge_json(raw)
+    if with_handle:
+        table.handle = backend.table_handle()
+        table.exists = table.exists or table.handle is not None
+    return table
+
+
+def _read_chains(backend: _Backend, table: Table, needed: set[str]) -> None:
+    """netavark's "one read of the table", reduced to the chains the plan looks into."""
     for name in sorted(needed):
         if name not in table.chains:
             continue  # does not exist (yet): the planner creates it
@@ -588,7 +885,26 @@ def _read_table(backend: _Backend, needed: set[str]) -> Table:
             continue
         table.merge_json(raw)
         table.loaded.add(name)  # type: ignore[union-attr]
-    return table
+
+
+def match_new_handles(added: list[RuleRef] | None, cmds: Sequence[dict[str, Any]]) -> dict[int, int] | None:
+    """Command index -> handle of the rule it added; None unless the rules line up one to one."""
+    if added is None:
+        return None
+    indices = [i for i, c in enumerate(cmds) if "add" in c and "rule" in c["add"] or "insert" in c]
+    if len(indices) != len(added):
+        return None
+    out: dict[int, int] = {}
+    for idx, (chain, handle) in zip(indices, added, strict=True):
+        if chain != _rule_chain(cmds[idx]):
+            return None
+        out[idx] = handle
+    return out
+
+
+def _rule_chain(cmd: dict[str, Any]) -> str:
+    (body,) = cmd.values()
+    return body["rule"]["chain"]
 
 
 class NoFirewall:

@@ -57,6 +57,10 @@ MASK = 0x2000
 
 _T = {"family": FAMILY, "table": TABLE}
 
+PortKey = tuple[str, str]
+#: (chain, rule handle) of one container's port rules, as recorded after they were added
+RuleRef = tuple[str, int]
+
 
 # --------------------------------------------------------------------------------------------------
 # inputs
@@ -85,6 +89,11 @@ class PortFw:
     ipv6: ipaddress.IPv6Interface | None
     port_mappings: tuple[PortMapping, ...] | None  # None: key absent; (): present but empty
     dns_port: int = 53
+
+    @property
+    def key(self) -> PortKey:
+        """(network id, container id): names netavark's ports/<net>_<ctr> file and our handle hints."""
+        return (self.network.network_id, self.container_id)
 
     def families(self) -> Iterable[tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, bool]]:
         """(address, is_v6) for v4 then v6 — netavark's order for port rules."""
@@ -129,6 +138,7 @@ class Table:
     #: chains whose rules were read; None = all of them (a whole-table listing). A partial read is
     #: what :func:`chains_to_read` asked for; the planner refuses to look into any other chain.
     loaded: set[str] | None = None
+    handle: int | None = None  # the table's own handle (a re-created table gets a new one)
 
     @classmethod
     def from_json(cls, data: bytes | str | Mapping[str, Any] | None) -> Table:
@@ -164,6 +174,7 @@ class Table:
                 t = obj["table"]
                 if t.get("family") == FAMILY and t.get("name") == TABLE:
                     table.exists = True
+                    table.handle = t.get("handle", table.handle)
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -434,6 +445,9 @@ class _Planner:
         self._chain_deletes: dict[str, None] = {}
         self.teardown_cmds: list[dict[str, Any]] = []
         self.setup_cmds: list[dict[str, Any]] = []
+        self._owner: PortKey | None = None  # set while a container's port rules are added
+        self.setup_owners: dict[int, PortKey] = {}  # index in setup_cmds -> container
+        self.kept: dict[PortKey, list[RuleRef]] = {}  # skip_existing: rules found in place
 
     # -- model helpers ------------------------------------------------------------------------------
 
@@ -460,6 +474,8 @@ class _Planner:
         self._next_rid -= 1
         self.chains[chain].add(rid, expr)
         self.rule_chain[rid] = chain
+        if self._owner is not None:
+            self.setup_owners[len(self.setup_cmds)] = self._owner
         self.setup_cmds.append({"insert" if insert else "add": {"rule": {**_T, "chain": chain, "expr": expr}}})
 
     def _add_chain(self, name: str) -> None:
@@ -468,7 +484,21 @@ class _Planner:
 
     # -- teardown (§7) ------------------------------------------------------------------------------
 
-    def teardown_port_forward(self, pf: PortFw, complete: bool) -> None:
+    def teardown_port_forward(self, pf: PortFw, complete: bool,
+                              hint: Sequence[RuleRef] | None = None) -> None:
+        if hint is not None and not complete:
+            # handles recorded when these rules were added (validated by the caller against the
+            # table's and chains' handles): no need to read the chains they live in
+            for chain, handle in hint:
+                c = self.chains.get(chain)
+                if c is None:
+                    continue  # chain gone: its rules are gone
+                if c.loaded:
+                    if handle in c.rules:
+                        self._delete_rule(handle)
+                elif handle not in self._rule_deletes:
+                    self._rule_deletes[handle] = chain
+            return
         if complete:
             # the container's _dnat chains are deleted whole, and finish_teardown() removes every
             # DNAT jump into them: the same rules netavark's structural match would find, without
@@ -609,13 +639,34 @@ class _Planner:
             name = chain_name(pf.network.network_id, cip.network, dnat=True)
             if name not in self.chains:
                 self._add_chain(name)
-            for chain, expr in rules:
-                if skip_existing and self.chains[chain].equal_to(expr):
-                    continue
-                self._add(chain, expr)
+            self._owner = pf.key
+            try:
+                for chain, expr in rules:
+                    if skip_existing:
+                        found = self.chains[chain].equal_to(expr)
+                        if found:
+                            if found[0] > 0:
+                                self.kept.setdefault(pf.key, []).append((chain, found[0]))
+                            continue
+                    self._add(chain, expr)
+            finally:
+                self._owner = None
 
-    def commands(self) -> list[dict[str, Any]]:
-        return self.teardown_cmds + self.setup_cmds
+    def result(self) -> Plan:
+        offset = len(self.teardown_cmds)
+        return Plan(self.teardown_cmds + self.setup_cmds,
+                    {offset + i: key for i, key in self.setup_owners.items()}, self.kept)
+
+
+@dataclass
+class Plan:
+    """One transaction plus what is needed to record the handles of each container's port rules."""
+
+    commands: list[dict[str, Any]]
+    #: index in ``commands`` of every add/insert of a container's port rule -> that container
+    owners: dict[int, PortKey] = field(default_factory=dict)
+    #: rules of a container that already existed (``skip_existing_port_rules``), by handle
+    kept: dict[PortKey, list[RuleRef]] = field(default_factory=dict)
 
 
 SMALL_FIXED_CHAINS = (INPUT, FORWARD, POSTROUTING, PREROUTING, OUTPUT, SETMARK_CHAIN,
@@ -629,6 +680,7 @@ def chains_to_read(
     teardown_ports: Sequence[PortFw] = (),
     teardown_networks: Sequence[NetworkFw] = (),
     skip_existing_port_rules: bool = False,
+    handle_hints: Mapping[PortKey, Sequence[RuleRef]] | None = None,
 ) -> set[str]:
     """The chains whose rules :func:`plan_transaction` will inspect for these arguments.
 
@@ -637,17 +689,20 @@ def chains_to_read(
     looks into them, so an incremental setup reads a few small chains instead of thousands of rules.
     """
     need: set[str] = set()
+    hints = handle_hints or {}
+    torn = {n.network_id for n in teardown_networks}
+    # per-container teardowns that must find their rules by structure (no valid recorded handles)
+    structural = [pf for pf in teardown_ports
+                  if pf.port_mappings and pf.network.network_id not in torn and pf.key not in hints]
     if setup_networks or setup_ports or teardown_networks:
         need.update(SMALL_FIXED_CHAINS)
-    if (teardown_networks or teardown_ports
+    if (teardown_networks or structural
             or any(pf.dns_port != 53 and pf.network.gateways for pf in setup_ports)
             or skip_existing_port_rules and any(pf.port_mappings is not None for pf in setup_ports)):
         need.add(DNAT_CHAIN)
-    torn = {n.network_id for n in teardown_networks}
-    for pf in teardown_ports:
-        if pf.port_mappings and pf.network.network_id not in torn:
-            need.update(_chain_name_cached(pf.network.network_id, cip.network, True)
-                        for cip, _v6 in pf.families())
+    for pf in structural:
+        need.update(_chain_name_cached(pf.network.network_id, cip.network, True)
+                    for cip, _v6 in pf.families())
     if skip_existing_port_rules:
         for pf in setup_ports:
             if pf.port_mappings:
@@ -667,6 +722,25 @@ def plan_transaction(
 ) -> list[dict[str, Any]]:
     """The nftables JSON commands of ONE transaction (without the ``{"nftables": …}`` wrapper).
 
+    See :func:`build_plan` for the semantics; this is its command list.
+    """
+    return build_plan(table, setup_networks=setup_networks, setup_ports=setup_ports,
+                      teardown_ports=teardown_ports, teardown_networks=teardown_networks,
+                      skip_existing_port_rules=skip_existing_port_rules).commands
+
+
+def build_plan(
+    table: Table | Mapping[str, Any] | bytes | str | None,
+    *,
+    setup_networks: Sequence[NetworkFw] = (),
+    setup_ports: Sequence[PortFw] = (),
+    teardown_ports: Sequence[PortFw] = (),
+    teardown_networks: Sequence[NetworkFw] = (),
+    skip_existing_port_rules: bool = False,
+    handle_hints: Mapping[PortKey, Sequence[RuleRef]] | None = None,
+) -> Plan:
+    """Plan ONE transaction: netavark's driver calls replayed against ``table``.
+
     Equivalent to netavark running, in order: ``teardown_port_forward`` for each ``teardown_ports``
     entry (complete when its network is in ``teardown_networks``), ``teardown_network`` for each
     ``teardown_networks`` entry, then for each ``setup_ports`` entry ``setup_network`` of its network
@@ -678,6 +752,10 @@ def plan_transaction(
 
     ``skip_existing_port_rules`` (used by firewall-reload) does not add a port rule that already exists
     in its chain, which makes a replay of the state files idempotent; netavark would duplicate them.
+    ``handle_hints`` maps a container to the (chain, handle) of its port rules recorded when they
+    were added; a per-container teardown with a hint deletes those handles instead of searching the
+    chains by structure (so :func:`chains_to_read` can skip reading them). The caller must only pass
+    hints it validated (same table and chain handles as when recorded).
     Raises :class:`ConfigError` for an unparsable ``host_ip`` (before any command is produced).
     """
     parsed = table if isinstance(table, Table) else Table.from_json(table)
@@ -687,8 +765,9 @@ def plan_transaction(
     p = _Planner(parsed)
 
     torn = {n.network_id for n in teardown_networks}
+    hints = handle_hints or {}
     for pf in teardown_ports:
-        p.teardown_port_forward(pf, pf.network.network_id in torn)
+        p.teardown_port_forward(pf, pf.network.network_id in torn, hints.get(pf.key))
     for net in teardown_networks:
         p.teardown_network(net)
     p.finish_teardown()
@@ -708,7 +787,7 @@ def plan_transaction(
                 p.setup_network(by_id[nid])
                 done.add(nid)
             p.setup_port_forward(pf, skip_existing=skip_existing_port_rules)
-    return p.commands()
+    return p.result()
 
 
 # --------------------------------------------------------------------------------------------------
