@@ -37,26 +37,29 @@ class BridgeHandle:
 async def ensure_bridge(host: Netlink, host_fd: int | None, network: Network) -> BridgeHandle:
     name = network.network_interface
     created = False
-    link = await host.get_link(name)
-    if link is None:
-        master = await _vrf_index(host, network.bridge.vrf) if network.bridge.vrf else None
-        # An explicit MAC pins the bridge address: with a random one the kernel would keep changing it
-        # to the lowest port MAC as containers come and go (netavark pins it after the first attach;
-        # setting it at creation does the same without the extra round trip).
-        try:
-            await host.create_bridge(name, mtu=network.bridge.mtu, mac=random_mac(), master=master)
-            created = True
-        except NetlinkOpError as exc:
-            if exc.code != errno.EEXIST:
-                raise
-        link = await host.get_link(name)
-        if link is None:  # deleted under us by a concurrent teardown
-            raise NetlinkOpError(f"create bridge: {netlink_error_text(errno.ENODEV)}", code=errno.ENODEV)
-    kind = Netlink.kind_of(link)
-    if kind != "bridge":
-        raise AsyncnetError(f"bridge interface {name} already exists but is a {kind} interface")
-    index = link["index"]
     try:
+        link = await host.get_link(name)
+        if link is None:
+            master = await _vrf_index(host, network.bridge.vrf) if network.bridge.vrf else None
+            # An explicit MAC pins the bridge address: with a random one the kernel would keep changing it
+            # to the lowest port MAC as containers come and go (netavark pins it after the first attach;
+            # setting it at creation does the same without the extra round trip).
+            try:
+                # The kernel acts inside sendmsg(); a cancellation while the answer is on its way must not
+                # leave us unsure whether we made the bridge (and so unable to roll it back): wait for it.
+                with anyio.CancelScope(shield=True):
+                    await host.create_bridge(name, mtu=network.bridge.mtu, mac=random_mac(), master=master)
+                created = True
+            except NetlinkOpError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+            link = await host.get_link(name)
+            if link is None:  # deleted under us by a concurrent teardown
+                raise NetlinkOpError(f"create bridge: {netlink_error_text(errno.ENODEV)}", code=errno.ENODEV)
+        kind = Netlink.kind_of(link)
+        if kind != "bridge":
+            raise AsyncnetError(f"bridge interface {name} already exists but is a {kind} interface")
+        index = link["index"]
         if not created and link.get("operstate") != "UP":
             # A reused bridge without a working port (e.g. fresh from `ip link add`: down, or up with
             # operstate UNKNOWN) may still have a kernel-chosen MAC, which our first port would replace
