@@ -163,6 +163,10 @@ class Engine:
         try:
             live = await self._plan([w for w in live if w.result.ok])
             live = await self._journal_intents(live)
+            if progress is not None:  # completed already: failed validation, namespace, IPAM or journal
+                for w in works:
+                    if not w.result.ok:
+                        progress(w.result)
             await self._setup_kernel(live, bridges, progress)
             await self._commit_shared([w for w in live if w.result.ok], shared)
         except BaseException as exc:
