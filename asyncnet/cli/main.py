@@ -122,11 +122,13 @@ def _progress(total: int, label: str) -> AbstractContextManager[Callable[[Result
         return nullcontext(None)
     from contextlib import contextmanager
 
+    from rich.console import Console
     from rich.progress import Progress
 
     @contextmanager
     def bar():  # type: ignore[no-untyped-def]
-        with Progress(transient=True, console=None) as prog:
+        # on stderr: rich's default console is stdout, which batch runners parse as the JSON report
+        with Progress(transient=True, console=Console(stderr=True)) as prog:
             task = prog.add_task(label, total=total)
             yield lambda _r: prog.advance(task)
 
