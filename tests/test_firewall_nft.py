@@ -316,6 +316,25 @@ async def test_single_teardown_uses_recorded_handles(sandbox: Sandbox) -> None:
     assert not (sandbox.config_dir / "firewall/handles" / f"{PODMAN1.network_id}_{ctrs[7].container_id}").exists()
 
 
+async def test_big_batch_is_located_by_the_first_structural_teardown(sandbox: Sandbox) -> None:
+    """Batches above record_limit skip the kernel notifications; the first per-container teardown
+    reads its network's chains and records where every other container's rules are."""
+    ref_ns = sandbox.netns("host-ref")
+    ctrs = [container(PODMAN1, i, ports=2) for i in range(20)]
+    fw = make_fw(sandbox)
+    fw.record_limit = 10
+    await fw.commit(setup_networks=[PODMAN1], setup_ports=ctrs)
+    assert not (sandbox.config_dir / "firewall/handles" / PODMAN1.network_id).exists()
+    await fw.commit(teardown_ports=[ctrs[3]])
+    assert fw.last_stats.rules_before > 0
+    for pf in (ctrs[0], ctrs[19], ctrs[10]):
+        await fw.commit(teardown_ports=[pf])
+        assert fw.last_stats.rules_before == 0
+    ref = make_fw(sandbox, ref_ns, sandbox.root / "cfg-ref", rootless=True)
+    await ref.commit(setup_networks=[PODMAN1], setup_ports=[c for i, c in enumerate(ctrs) if i not in (0, 3, 10, 19)])
+    assert nft_text(sandbox) == nft_text(sandbox, ref_ns)
+
+
 async def test_rule_deleted_behind_our_back_falls_back_to_structure(sandbox: Sandbox) -> None:
     a, b = container(PODMAN1, 0, ports=1), container(PODMAN1, 1, ports=1)
     fw = make_fw(sandbox)

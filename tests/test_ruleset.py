@@ -27,6 +27,7 @@ from asyncnet.firewall.ruleset import (
     Unrenderable,
     chain_name,
     chains_to_read,
+    locate_port_rules,
     plan_transaction,
     render_text,
 )
@@ -482,3 +483,24 @@ def test_render_text_refuses_unknown_shapes(cmd: dict[str, Any]) -> None:
 def test_isolation_enum_values_are_state_file_values() -> None:
     assert [i.value for i in Isolation] == ["Never", "Normal", "Strict"]
     assert NetworkFw("i", "n", "b", (), ()).isolation is Isolation.NEVER
+
+
+def test_locate_port_rules_finds_each_containers_handles() -> None:
+    ctrs = [container(PODMAN1, i, ports=2) for i in range(5)]
+    sim = SimTable()
+    sim.run(setup_networks=[PODMAN1], setup_ports=ctrs)
+    table = Table.from_json(sim.listing())
+    found = locate_port_rules(table, ctrs)
+    assert set(found) == {pf.key for pf in ctrs}
+    handles = [h for refs in found.values() for _c, h in refs]
+    assert len(handles) == len(set(handles)) == 5 * 8
+    # deleting exactly those handles removes exactly that container
+    cmds = [{"delete": {"rule": {"family": "inet", "table": "netavark", "chain": c, "handle": h}}}
+            for c, h in found[ctrs[2].key]]
+    sim.apply(cmds)
+    other = SimTable()
+    other.run(setup_networks=[PODMAN1], setup_ports=[pf for pf in ctrs if pf is not ctrs[2]])
+    assert sim.shape() == other.shape()
+    # a container whose rules are not all there is left out
+    missing = container(PODMAN1, 9, ports=1)
+    assert missing.key not in locate_port_rules(table, [missing])

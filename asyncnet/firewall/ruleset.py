@@ -952,3 +952,36 @@ def render_text(cmds: Sequence[dict[str, Any]]) -> str:
         return "".join([_command(c, memo) + "\n" for c in cmds])
     except (KeyError, TypeError, AttributeError, IndexError) as exc:
         raise Unrenderable(f"unexpected command shape: {exc!r}") from None
+
+
+def locate_port_rules(table: Table, entries: Sequence[PortFw]) -> dict[PortKey, list[RuleRef]]:
+    """Where each container's port rules are, found by structure in a (partially) read table.
+
+    For recording handles after a structural read: the first per-container teardown on a network
+    has just read that network's chains, so every other container on it can be located for free
+    and its own teardown later deletes by handle. A container is left out unless every one of its
+    rules is found in a read chain (each existing rule is attributed to one container only).
+    """
+    p = _Planner(table)
+    taken: set[int] = set()
+    out: dict[PortKey, list[RuleRef]] = {}
+    for pf in entries:
+        refs: list[RuleRef] = []
+        mine: set[int] = set()
+        ok = pf.port_mappings is not None
+        for cip, _v6 in pf.families() if ok else ():
+            for chain, expr in port_rules(pf, cip):
+                c = p.chains.get(chain)
+                found = [rid for rid in c.equal_to(expr) if rid > 0 and rid not in taken and rid not in mine] \
+                    if c is not None and c.loaded else []
+                if not found:
+                    ok = False
+                    break
+                mine.add(found[0])
+                refs.append((chain, found[0]))
+            if not ok:
+                break
+        if ok and refs:
+            taken |= mine
+            out[pf.key] = refs
+    return out
