@@ -10,6 +10,8 @@ runs in a fresh sandbox "host" namespace (nothing touches the machine's real rul
   i.e. what nftables itself costs — our overhead is ``commit - floor``;
 * ``one_more``: one more container on top of the big table (the incremental case);
 * ``one_less``: one container of the big batch torn down alone (podman's per-container teardown);
+  with handle records on, this first one also locates every other container of the network;
+* ``one_less_again``: a second one (deletes by recorded handle: reads no chain);
 * ``teardown_all``: every container and the network in one commit.
 
     .venv/bin/python bench/firewall_commit.py                 # cheap default (N=200)
@@ -103,7 +105,9 @@ async def one_round(n: int, ports: int, backend: str | None, rootless: bool, dns
         out["one_more"] = await timed(fw, setup_networks=[NET],
                                       setup_ports=containers(1, ports, offset=n, dns_port=dns_port))
         out["one_less"] = await timed(fw, teardown_ports=[ctrs[n // 2]])
-        rest = [c for i, c in enumerate(ctrs) if i != n // 2] + containers(1, ports, offset=n, dns_port=dns_port)
+        out["one_less_again"] = await timed(fw, teardown_ports=[ctrs[n // 3]])
+        rest = [c for i, c in enumerate(ctrs) if i not in (n // 2, n // 3)] + containers(
+            1, ports, offset=n, dns_port=dns_port)
         out["teardown_all"] = await timed(fw, teardown_ports=rest, teardown_networks=[NET])
         out["transactions"] = fw.transactions
         return out
@@ -111,7 +115,7 @@ async def one_round(n: int, ports: int, backend: str | None, rootless: bool, dns
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for op in ("commit", "floor", "one_more", "one_less", "teardown_all"):
+    for op in ("commit", "floor", "one_more", "one_less", "one_less_again", "teardown_all"):
         out[op] = {}
         for key in rounds[0][op]:
             vals = [r[op][key] for r in rounds]

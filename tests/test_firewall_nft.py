@@ -491,6 +491,21 @@ async def test_big_commit_does_not_block_the_event_loop(sandbox: Sandbox) -> Non
     assert len(gaps) > 10 and max(gaps) < took / 3, (took, max(gaps), len(gaps))
 
 
+async def test_falls_back_to_the_nft_binary_without_libnftables(sandbox: Sandbox, monkeypatch) -> None:
+    import asyncnet.firewall.nftables as mod
+
+    def missing(self: object) -> None:
+        raise OSError("libnftables.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(mod._LibBackend, "__init__", missing)  # only availability is simulated
+    fw = make_fw(sandbox)
+    assert fw.backend_name == "nft"
+    await setup_each(fw, CTR1, CTR2)
+    assert nft_text(sandbox) == LISTING_11_1
+    with pytest.raises(FirewallError):
+        await make_fw(sandbox, backend="library").commit(setup_networks=[PODMAN1])
+
+
 # --------------------------------------------------------------------------------------------------
 # driver selection (no kernel)
 
