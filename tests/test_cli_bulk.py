@@ -9,12 +9,16 @@ namespace goes, and with it any namespace a failing step could have left.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import shlex
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +27,10 @@ import pytest
 from _bridge_util import cid, ip_json, network, ping
 
 from asyncnet.sandbox import Sandbox
+from asyncnet.state import State
 
 ASYNCNET = str(Path(sys.executable).parent / "asyncnet")
+F_SETPIPE_SZ = 1031
 NET_A = network("neta", "asn0", subnets=[("10.90.0.0/16", "10.90.0.1"), ("fd90:0:a::/64", "fd90:0:a::1")],
                 net_id="a1" * 32)
 NET_B = network("netb", "asn1", subnets=[("10.91.0.0/24", "10.91.0.1")], net_id="b2" * 32)
@@ -238,4 +244,63 @@ def test_progress_bar_on_a_terminal(sandbox: Sandbox, tmp_path: Path) -> None:
         assert len(doc) == 8
         assert proc.returncode == (1 if command == "up" else 0)
         assert command.encode() in err and b"100%" in err, err[-400:]
+    assert sorted(sandbox.links()) == ["lo"]
+
+
+def _up_and_signal(sb: Sandbox, batch: str, fire: Callable[[State], bool]) -> tuple[int, str]:
+    """``asyncnet up`` with stdout on a 4 KiB pipe nobody reads yet; SIGTERM as soon as ``fire(state)``
+    says so, then let the report sit in the full pipe for a moment before draining it."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, F_SETPIPE_SZ, 4096)
+    proc = subprocess.Popen([ASYNCNET, "up", "--config", str(sb.config_dir), "--host-netns", sb.host, batch],
+                            stdout=w, stderr=subprocess.DEVNULL)
+    os.close(w)
+    try:
+        deadline = time.monotonic() + 60
+        with State.open(sb.config_dir) as state:
+            while not fire(state):
+                assert time.monotonic() < deadline and proc.poll() is None, "never reached the signal point"
+                time.sleep(0.001)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        out = b""
+        while chunk := os.read(r, 1 << 16):
+            out += chunk
+        return proc.wait(timeout=60), out.decode()
+    finally:
+        os.close(r)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_during_up(sandbox: Sandbox, tmp_path: Path) -> None:
+    """SIGTERM while the kernel work runs: the batch is rolled back and every container says so (exit
+    143). SIGTERM after the batch is set up, while the report is stuck in a full pipe: the complete, true
+    report (the containers ARE set up), not a report cut short by the signal's default action or rewritten
+    to "rolled back" (both happened before)."""
+    n = 100
+    nss = [sandbox.netns(f"c{i}") for i in range(n)]
+    batch = write_batch(tmp_path / "b.json", [entry(ns, i, ["neta"] if i % 2 else ["netb"])
+                                              for i, ns in enumerate(nss)])
+
+    rc, out = _up_and_signal(sandbox, batch, lambda st: bool(st.list_attachments(phase="intent")))
+    assert rc == 128 + signal.SIGTERM
+    doc = json.loads(out)
+    assert doc == {cid(i): {"error": "interrupted by signal 15; batch rolled back"} for i in range(n)}
+    assert sorted(sandbox.links()) == ["lo"]
+    assert "nv_" not in sandbox.run(["nft", "list", "ruleset"]).stdout
+    with State.open(sandbox.config_dir) as st:
+        assert st.list_attachments() == [] and st.list_allocations() == []
+
+    rc, out = _up_and_signal(sandbox, batch, lambda st: len(st.list_attachments(phase="done")) == n)
+    assert rc in (0, 128 + signal.SIGTERM)  # nothing was interrupted; the signal may be noticed or not
+    doc = json.loads(out)
+    assert sorted(doc) == sorted(cid(i) for i in range(n))
+    assert all(list(v) == ["status"] for v in doc.values()), [v for v in doc.values() if "error" in v][:2]
+    assert len(sandbox.links()) == 1 + 2 + n
+
+    down = subprocess.run([ASYNCNET, "down", "--config", str(sandbox.config_dir), "--host-netns", sandbox.host,
+                           batch], capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0, down
     assert sorted(sandbox.links()) == ["lo"]

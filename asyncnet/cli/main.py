@@ -63,8 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except AsyncnetError as exc:
         _print({"error": str(exc)})
         raise SystemExit(1) from None
-    report, signum = anyio.run(_run_interruptible, args, spec, backend="asyncio")
-    _print(report)
+    report, signum = anyio.run(_run_interruptible, args, spec, backend="asyncio")  # prints the report
     if signum:
         raise SystemExit(128 + signum)
     raise SystemExit(1 if any("error" in v for v in report.values()) else 0)
@@ -85,7 +84,9 @@ async def _maintain(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _run_interruptible(args: argparse.Namespace, spec: BatchSpec) -> tuple[dict[str, Any], int]:
     """SIGTERM/SIGINT: `up` is cancelled (the engine rolls the batch back), `down` finishes first;
-    either way the report is printed and the exit status says we were interrupted."""
+    either way the report is printed and the exit status says we were interrupted. The report is printed
+    while the signals are still caught here: a late signal must not cut it short (a reader that is slow to
+    drain the pipe keeps the write blocked, and the default action would kill us mid-JSON)."""
     got: list[int] = []
     report: dict[str, Any] = {}
     async with anyio.create_task_group() as tg:
@@ -102,17 +103,22 @@ async def _run_interruptible(args: argparse.Namespace, spec: BatchSpec) -> tuple
         tg.start_soon(watch)
         with work_scope:
             report = await _run(args, spec)
+        if got and args.command == "up" and work_scope.cancelled_caught:
+            # cancelled: setup rolled the batch back and returned no report. A signal that came after
+            # setup had returned cancelled nothing: its report (containers that ARE set up) stands.
+            interrupted = {"error": f"interrupted by signal {got[0]}; batch rolled back"}
+            report = dict(spec.errors) | {c.options.container_id: interrupted for c in spec.containers}
+        _print(report)
         tg.cancel_scope.cancel()
-    if got and args.command == "up":
-        interrupted = {"error": f"interrupted by signal {got[0]}; batch rolled back"}
-        report = dict(spec.errors) | {c.options.container_id: interrupted for c in spec.containers
-                                      if c.options.container_id not in report or
-                                      "error" not in report[c.options.container_id]}
     return report, (got[0] if got else 0)
 
 
 def _print(obj: Any) -> None:
-    sys.stdout.buffer.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n")
+    data = memoryview(orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n")
+    while data:
+        # a signal (caught, so no exception) interrupting a write into a full pipe makes CPython's buffered
+        # write return a short count: without the loop the report would end after the first pipe-full
+        data = data[sys.stdout.buffer.write(data) or 0:]
     sys.stdout.flush()
 
 
