@@ -148,7 +148,8 @@ class Netlink:
             peer["mtu"] = mtu
         await self.call("create veth pair", self.ipr.link, "add", **kwargs)
         if hairpin:
-            await self.call("set hairpin mode", self.ipr.brport, "set", ifname=host_name, hairpin=1)
+            # IFLA_BRPORT_MODE is pyroute2's "mode"; an unknown keyword such as hairpin=1 is silently dropped
+            await self.call("set hairpin mode", self.ipr.brport, "set", ifname=host_name, mode=1)
 
     async def set_up(self, index: int, context: str = "set interface up") -> None:
         await self.call(context, self.ipr.link, "set", index=index, flags=IFF_UP, change=IFF_UP)
