@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from .sysctl import write_sysctls_sync
 from .types import Network, NetworkOptions, StatusBlock
 
 DEFAULT_AARDVARK = "/usr/lib/podman/aardvark-dns"
+IN_FLIGHT_REQUESTS = 4  # netlink requests outstanding per engine: bounds loop stalls, costs no throughput
 Progress = Callable[["Result"], None]
 
 
@@ -109,13 +111,15 @@ class Engine:
         self._host: Netlink | None = None
         self._host_fd: int | None = None
         self._use_state = state
+        self._in_flight: anyio.Semaphore | None = None
         self.state: State | None = None
         self.locks = BridgeLocks(self.config_dir)
 
     async def __aenter__(self) -> Engine:
         self._host_fd = self.host_netns.open() if self.host_netns.path else None
         try:
-            self._host = await Netlink.open(self._host_fd)
+            self._in_flight = anyio.Semaphore(IN_FLIGHT_REQUESTS)
+            self._host = await Netlink.open(self._host_fd, self._in_flight)
             if self._use_state:
                 self.state = await anyio.to_thread.run_sync(self._open_state)
         except BaseException:
@@ -219,7 +223,7 @@ class Engine:
 
     async def _plan(self, live: list[_Work]) -> list[_Work]:
         """IPAM for the whole batch in one state transaction, then the pure plan per container, then the
-        1024-ports-per-bridge limit counted against the ports the bridges already have."""
+        ports-per-bridge limit (MAX_BRIDGE_PORTS) counted against the ports the bridges already have."""
         allocated: dict[str, Any] = {}
         if self.state is not None and live:
             state = self.state
@@ -250,11 +254,13 @@ class Engine:
                                              f"{ports[over.bridge]} ports, more than {MAX_BRIDGE_PORTS}")
         return [w for w in live if w.result.ok]
 
-    def _journal_rows(self, w: _Work, bridges: dict[str, BridgeHandle] | None = None) -> list[JournalRow]:
+    def _journal_rows(self, w: _Work, bridges: dict[str, BridgeHandle] | None = None,
+                      indexes: dict[str, int | None] | None = None) -> list[JournalRow]:
         opts = w.container.options
         return [JournalRow(container_id=opts.container_id, network=a.network.name, network_id=a.network.id,
                            interface=a.ifname, bridge=a.bridge, container_name=opts.container_name,
                            netns=w.container.netns.path, host_veth=a.host_veth,
+                           host_ifindex=(indexes or {}).get(a.host_veth),
                            # an intent may create the bridge: gc must be allowed to remove it
                            bridge_created=bridges[a.bridge].created if bridges and a.bridge in bridges else True,
                            addresses=a.addresses, firewall=journal_record(opts, a, self.dns_port))
@@ -286,7 +292,10 @@ class Engine:
         if self.state is None:
             return
         state = self.state
-        done = [r for w in works if w.result.ok and w.attachments for r in self._journal_rows(w, bridges)]
+        # the journal records the host end's ifindex too: one thread hop, one ioctl per veth (no netlink)
+        names = [a.host_veth for w in works if w.result.ok for a in w.attachments]
+        indexes = await run_in_netns(self._host_fd, lambda: {n: _host_ifindex(n) for n in names}) if names else {}
+        done = [r for w in works if w.result.ok and w.attachments for r in self._journal_rows(w, bridges, indexes)]
         failed = [(w.container.options.container_id, a.network.name) for w in works
                   if not w.result.ok and w.owns_state for a in w.attachments]
         failed += [(w.container.options.container_id, name) for w in works if not w.result.ok and w.owns_state
@@ -351,7 +360,8 @@ class Engine:
         try:
             await create_veths(self.host, fd, w.attachments, bridges, hairpin=bool(mappings),
                                created=w.created_veths)
-            ctr, indexes = await Netlink.open_with(fd, lambda: prepare_container_sync(w.attachments))
+            ctr, indexes = await Netlink.open_with(fd, lambda: prepare_container_sync(w.attachments),
+                                                   self._in_flight)
             await configure_container(ctr, w.attachments, indexes)
         except AsyncnetError as exc:
             w.result.error = exc
@@ -620,7 +630,7 @@ class Engine:
             return []
         errors: list[AsyncnetError] = []
         try:
-            ctr = await Netlink.open(fd)
+            ctr = await Netlink.open(fd, self._in_flight)
             try:
                 for r in (r for a in w.attachments for r in a.routes if r.static):
                     try:
@@ -672,6 +682,13 @@ def _known_addresses(opts: NetworkOptions, journal: dict[tuple[str, str], Journa
         elif net.ipam_driver == "host-local" and len(per.static_ips or ()) < len(net.subnets):
             out[net.name] = ()
     return out
+
+
+def _host_ifindex(name: str) -> int | None:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
 
 
 def _netns_gone(netns: Netns) -> bool:
