@@ -112,7 +112,7 @@ async def create_veths(host: Netlink, ctr_fd: int, atts: list[Attachment], bridg
             if exc.code != errno.EEXIST:
                 raise
             created.pop()  # not ours: must not be rolled back
-            if await run_in_netns(ctr_fd, lambda name=att.ifname: _ifindex(name)) is not None:
+            if await run_in_netns(ctr_fd, lambda name=att.ifname: ifindex(name)) is not None:
                 raise NetlinkOpError(
                     f"create veth pair: interface {att.ifname} already exists on container namespace: "
                     f"{netlink_error_text(errno.EEXIST)}", code=errno.EEXIST) from None
@@ -131,7 +131,7 @@ def prepare_container_sync(atts: list[Attachment]) -> dict[str, int]:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         _set_up(sock, "lo")
         for att in atts:
-            index = _ifindex(att.ifname)
+            index = ifindex(att.ifname)
             if index is None:
                 raise NetlinkOpError(f"get container interface {att.ifname}: "
                                      f"{netlink_error_text(errno.ENODEV)}", code=errno.ENODEV)
@@ -140,7 +140,8 @@ def prepare_container_sync(atts: list[Attachment]) -> dict[str, int]:
     return indexes
 
 
-def _ifindex(name: str) -> int | None:
+def ifindex(name: str) -> int | None:
+    """The index of ``name`` in the calling thread's namespace (an ioctl, no netlink), None if absent."""
     try:
         return socket.if_nametoindex(name)
     except OSError:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,14 @@ from typing import Any
 
 import anyio
 
-from .bridge import BridgeHandle, configure_container, create_veths, ensure_bridge, prepare_container_sync
+from .bridge import (
+    BridgeHandle,
+    configure_container,
+    create_veths,
+    ensure_bridge,
+    ifindex,
+    prepare_container_sync,
+)
 from .bridgelock import BridgeLocks
 from .dns import Aardvark, DnsEntry, DnsNetwork
 from .errors import AsyncnetError, ConfigError, IpamError, NetlinkOpError, combine
@@ -294,7 +300,7 @@ class Engine:
         state = self.state
         # the journal records the host end's ifindex too: one thread hop, one ioctl per veth (no netlink)
         names = [a.host_veth for w in works if w.result.ok for a in w.attachments]
-        indexes = await run_in_netns(self._host_fd, lambda: {n: _host_ifindex(n) for n in names}) if names else {}
+        indexes = await run_in_netns(self._host_fd, lambda: {n: ifindex(n) for n in names}) if names else {}
         done = [r for w in works if w.result.ok and w.attachments for r in self._journal_rows(w, bridges, indexes)]
         failed = [(w.container.options.container_id, a.network.name) for w in works
                   if not w.result.ok and w.owns_state for a in w.attachments]
@@ -682,13 +688,6 @@ def _known_addresses(opts: NetworkOptions, journal: dict[tuple[str, str], Journa
         elif net.ipam_driver == "host-local" and len(per.static_ips or ()) < len(net.subnets):
             out[net.name] = ()
     return out
-
-
-def _host_ifindex(name: str) -> int | None:
-    try:
-        return socket.if_nametoindex(name)
-    except OSError:
-        return None
 
 
 def _netns_gone(netns: Netns) -> bool:
