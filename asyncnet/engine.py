@@ -283,8 +283,8 @@ class Engine:
         for w in live:
             mine = [a for a in w.attachments if (w.container.options.container_id, a.network.name) in conflicts]
             if mine:
-                w.result.error = ConfigError(f"container {w.container.options.container_id} is already set up "
-                                             f"on network {mine[0].network.name}")
+                key = (w.container.options.container_id, mine[0].network.name)
+                w.result.error = _conflict_error(conflicts[key])
                 others = [(w.container.options.container_id, a.network.name) for a in w.attachments
                           if a not in mine]
                 if others:
@@ -688,6 +688,19 @@ def _known_addresses(opts: NetworkOptions, journal: dict[tuple[str, str], Journa
         elif net.ipam_driver == "host-local" and len(per.static_ips or ()) < len(net.subnets):
             out[net.name] = ()
     return out
+
+
+def _conflict_error(row: JournalRow) -> ConfigError:
+    """An attachment the journal already has: set up, in flight elsewhere, or left by a dead process (a
+    batch runner retrying after a kill -9 must be told to run gc, not that the container is set up)."""
+    what = f"container {row.container_id} on network {row.network}"
+    if row.phase == "done":
+        return ConfigError(f"container {row.container_id} is already set up on network {row.network}")
+    doing = "setup" if row.phase == "intent" else "teardown"
+    if row.owner_alive:
+        return ConfigError(f"{what}: a {doing} by another batch is in progress")
+    return ConfigError(f"{what}: an interrupted {doing} (its process died) left it half-made; "
+                       f"run `asyncnet gc` (or `asyncnet down`) first")
 
 
 def _netns_gone(netns: Netns) -> bool:

@@ -483,6 +483,32 @@ def test_kill9_during_up_then_gc(sandbox: Sandbox, rule_model: RuleModel) -> Non
     assert_clean(sb, cli, ctrs, rule_model)
 
 
+def test_retry_after_kill_without_gc(sandbox: Sandbox, rule_model: RuleModel) -> None:
+    """A batch runner retries `up` right after a kill -9, without gc: the dead process's intents are not
+    "already set up" — the error says what happened and what to do; gc, then the retry works."""
+    sb, cli = sandbox, Cli(sandbox)
+    ctrs = make_ctrs(sb, 40)
+    path = batch_file(sb, "retry", ctrs)
+    proc = cli.start("up", path)
+    wait_for(lambda: rows_written_by(sb, proc.popen.pid) > 0, proc, "the journal intents")
+    proc.signal(signal.SIGKILL)
+    proc.wait()
+    rows = cli.status()["attachments"]
+    assert {(r["phase"], r["owner_alive"]) for r in rows} == {("intent", False)} and len(rows) == 40
+    rc, doc = cli.run("up", path)
+    assert rc == 1
+    for c in ctrs:
+        assert "interrupted setup" in doc[c.id]["error"] and "asyncnet gc" in doc[c.id]["error"], doc[c.id]
+    assert len(cli.gc()["attachments"]) == 40
+    assert_clean(sb, cli, ctrs, rule_model)
+    assert all("status" in v for v in cli.ok("up", path).values())
+    assert len(assert_kernel_matches_db(sb, cli, ctrs, rule_model)) == 40
+    rc, doc = cli.run("up", path)
+    assert rc == 1 and all(v["error"].endswith("is already set up on network rnet") for v in doc.values())
+    assert set(statuses(cli.ok("down", path)).values()) == {"removed"}
+    assert_clean(sb, cli, ctrs, rule_model)
+
+
 @pytest.mark.slow
 def test_gc_leaves_a_batch_in_flight_alone(sandbox: Sandbox, rule_model: RuleModel) -> None:
     """gc while another process's `up` is half-way: the live process's intents, veths, bridge and
