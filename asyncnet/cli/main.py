@@ -98,7 +98,8 @@ async def _run_interruptible(args: argparse.Namespace, spec: BatchSpec) -> tuple
                     got.append(signum)
                     if args.command == "up":
                         work_scope.cancel()
-                    return
+                    # stay subscribed: a repeated signal (a supervisor re-sending SIGTERM, a double
+                    # Ctrl-C) must not kill the rollback or the teardown half-way (kill -9 is the force)
 
         tg.start_soon(watch)
         with work_scope:
