@@ -183,7 +183,7 @@ class Engine:
             # a shared step failed or we were cancelled: nothing of this batch may stay half-made
             with anyio.CancelScope(shield=True):
                 await self._undo_shared(shared, bridges)
-                await self._rollback([w for w in live if w.created_veths], bridges)
+                await self._rollback([w for w in live if w.created_veths])
             reason = exc if isinstance(exc, AsyncnetError) else AsyncnetError("setup cancelled; rolled back")
             for w in live:
                 if w.result.ok:
@@ -353,8 +353,8 @@ class Engine:
         async with anyio.create_task_group() as tg:
             for w in live:
                 tg.start_soon(one, w)
-        v6_host = [(f"net/ipv6/conf/{v}/accept_dad", "0", False)
-                   for w in live if w.result.ok for a in w.attachments if a.ipv6 for v in [a.host_veth]]
+        v6_host = [(f"net/ipv6/conf/{a.host_veth}/accept_dad", "0", False)
+                   for w in live if w.result.ok for a in w.attachments if a.ipv6]
         if v6_host:
             await run_in_netns(self._host_fd, lambda: write_sysctls_sync(v6_host))
 
@@ -387,10 +387,9 @@ class Engine:
                     raise
         w.created_veths.clear()
 
-    async def _rollback(self, works: list[_Work], bridges: dict[str, BridgeHandle]) -> None:
-        group = _fresh_group()
+    async def _rollback(self, works: list[_Work]) -> None:
         names = [n for w in works for n in w.created_veths]
-        await self._group_delete(names, group, errors=None)
+        await self._group_delete(names, _fresh_group(), errors=None)
         for w in works:
             w.created_veths.clear()
 
