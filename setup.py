@@ -1,12 +1,14 @@
 """Records the git commit and build time in the package (``asyncnet-netavark version`` reports them)."""
 
 import json
+import sys
 from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-from asyncnet.buildinfo import git_facts
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # PEP 517 builds do not put the project on sys.path
+from asyncnet.buildinfo import git_facts  # noqa: E402
 
 
 class BuildPyWithInfo(build_py):
