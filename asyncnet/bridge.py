@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import anyio
 
 from .errors import AsyncnetError, NetlinkOpError, netlink_error_text
-from .netlink import IFF_UP, Netlink
+from .netlink import IFF_UP, Netlink, address_message, requests_sync, route_message
 from .netns import run_in_netns
 from .plan import Attachment, bridge_sysctls, container_sysctls, random_mac
 from .sysctl import write_sysctls_sync
@@ -159,17 +159,20 @@ def _set_up(sock: socket.socket, name: str) -> None:
         raise NetlinkOpError(f"set {name} up: {netlink_error_text(code)}", code=code) from None
 
 
-async def configure_container(ctr: Netlink, atts: list[Attachment], indexes: dict[str, int]) -> None:
+def container_requests(atts: list[Attachment], indexes: dict[str, int]) -> list[tuple[tuple[int, int, bytes], str]]:
     """Addresses, then default and static routes (routes need the on-link addresses first)."""
+    out = [(address_message(indexes[att.ifname], addr), "add ip addr") for att in atts for addr in att.addresses]
     for att in atts:
-        index = indexes[att.ifname]
-        for addr in att.addresses:
-            await ctr.add_address(index, addr, "add ip addr")
-    for att in atts:
-        index = indexes[att.ifname]
         for route in att.routes:
             # a static route's gateway may be reachable through another container interface (netavark
             # passes no device for it); default routes are pinned to the network's interface
-            await ctr.add_route(index=None if route.static else index, destination=route.destination,
-                                gateway=route.gateway, metric=route.metric,
-                                context=f"add route {route.destination} via {route.gateway}")
+            index = None if route.static else indexes[att.ifname]
+            out.append((route_message(index, route.destination, route.gateway, route.metric),
+                        f"add route {route.destination} via {route.gateway}"))
+    return out
+
+
+def configure_container_sync(atts: list[Attachment]) -> None:
+    """Everything inside the container, in one worker-thread visit (run it via run_in_netns)."""
+    indexes = prepare_container_sync(atts)
+    requests_sync(container_requests(atts, indexes))

@@ -21,11 +21,10 @@ import anyio
 
 from .bridge import (
     BridgeHandle,
-    configure_container,
+    configure_container_sync,
     create_veths,
     ensure_bridge,
     ifindex,
-    prepare_container_sync,
 )
 from .bridgelock import BridgeLocks
 from .dns import Aardvark, DnsEntry, DnsNetwork
@@ -362,20 +361,15 @@ class Engine:
         assert w.fd is not None
         fd = w.fd
         mappings = w.container.options.port_mappings
-        ctr: Netlink | None = None
         try:
             await create_veths(self.host, fd, w.attachments, bridges, hairpin=bool(mappings),
                                created=w.created_veths)
-            ctr, indexes = await Netlink.open_with(fd, lambda: prepare_container_sync(w.attachments),
-                                                   self._in_flight)
-            await configure_container(ctr, w.attachments, indexes)
+            # the container side needs no socket of its own: one worker-thread visit does all of it
+            await run_in_netns(fd, lambda: configure_container_sync(w.attachments))
         except AsyncnetError as exc:
             w.result.error = exc
             with anyio.CancelScope(shield=True):
                 await self._delete_veths(w)
-        finally:
-            if ctr is not None:
-                ctr.close()
 
     async def _delete_veths(self, w: _Work) -> None:
         """Rollback of one container: the host end takes the peer with it. ENODEV = never made."""
