@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -64,34 +63,14 @@ class Netlink:
 
     @classmethod
     async def open(cls, netns_fd: int | None, in_flight: anyio.Semaphore | None = None) -> Netlink:
-        nl, _ = await cls.open_with(netns_fd, lambda: None, in_flight)
-        return nl
-
-    @classmethod
-    async def open_with(cls, netns_fd: int | None, also: Callable[[], T],
-                        in_flight: anyio.Semaphore | None = None) -> tuple[Netlink, T]:
-        """Open the socket and run ``also`` in the same worker-thread visit to the namespace.
-
-        The thread hop, not the socket, is the cost: callers fold their other in-namespace work (sysctls,
-        ifindex lookups) into it.
-        """
-
-        def body() -> tuple[int, T]:
-            fd = _new_route_socket()
-            try:
-                return fd, also()
-            except BaseException:
-                os.close(fd)
-                raise
-
-        fd, value = await run_in_netns(netns_fd, body)
+        fd = await run_in_netns(netns_fd, _new_route_socket)
         ipr = AsyncIPRoute(fileno=fd)
         try:
             await ipr.setup_endpoint()
         except BaseException:
             ipr.close()
             raise
-        return cls(ipr, netns_fd, in_flight), value
+        return cls(ipr, netns_fd, in_flight)
 
     def close(self) -> None:
         self.ipr.close()
