@@ -43,7 +43,7 @@ async def run(n: int, firewall: str) -> int:
             took = (time.perf_counter() - t0) * 1000
             failed = [r for r in results if r.error]
             print(f"set up {n - len(failed)}/{n} containers in {took:.1f} ms")
-            print(orjson.dumps({r.container_id: {k: v.to_json() for k, v in (r.status or {}).items()}
+            print(orjson.dumps({r.container_id: r.status_json()
                                 for r in results[:2]}, option=orjson.OPT_INDENT_2).decode())
             for r in failed:
                 print(f"  {r.container_id}: {r.error}")

@@ -78,6 +78,14 @@ class Result:
     def ok(self) -> bool:
         return self.error is None
 
+    def status_json(self) -> dict[str, Any]:
+        """netavark's output: network name -> StatusBlock JSON."""
+        return {name: block.to_json() for name, block in (self.status or {}).items()}
+
+    def to_json(self) -> dict[str, Any]:
+        """One container's entry in a bulk report."""
+        return {"error": str(self.error)} if self.error is not None else {"status": self.status_json()}
+
 
 @dataclass
 class _Work:
@@ -721,11 +729,3 @@ def dns_entry(opts: NetworkOptions, att: Attachment) -> DnsEntry:
     )
 
 
-def results_json(results: Sequence[Result]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for r in results:
-        if r.error is not None:
-            out[r.container_id] = {"error": str(r.error)}
-        else:
-            out[r.container_id] = {"status": {k: v.to_json() for k, v in (r.status or {}).items()}}
-    return out

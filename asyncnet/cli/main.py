@@ -155,8 +155,7 @@ async def _run(args: argparse.Namespace, spec: BatchSpec) -> dict[str, Any]:
             if args.command == "up":
                 results = await engine.setup(containers, progress=progress)
                 for r in results:
-                    report[r.container_id] = ({"error": str(r.error)} if r.error else
-                                              {"status": {k: v.to_json() for k, v in (r.status or {}).items()}})
+                    report[r.container_id] = r.to_json()
             else:
                 results = await engine.teardown(containers, progress=progress)
                 for r in results:

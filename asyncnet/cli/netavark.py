@@ -156,7 +156,7 @@ async def _run(args: argparse.Namespace) -> None:
             [result] = await engine.setup([container])
             if result.error is not None:
                 raise result.error
-            _print_json({name: block.to_json() for name, block in (result.status or {}).items()})
+            _print_json(result.status_json())
         else:
             [result] = await engine.teardown([container])
             if result.error is not None:
