@@ -43,7 +43,7 @@ from asyncnet.types import PortMapping
 pytestmark = pytest.mark.anyio
 
 TESTS = Path(__file__).resolve().parent
-PATHS = [("library", "text"), ("library", "json"), ("cli", "text"), ("cli", "json")]
+PATHS = [("library", "netlink"), ("library", "text"), ("library", "json"), ("cli", "text"), ("cli", "json")]
 
 
 @pytest.fixture
@@ -317,12 +317,11 @@ async def test_single_teardown_uses_recorded_handles(sandbox: Sandbox) -> None:
 
 
 async def test_big_batch_is_located_by_the_first_structural_teardown(sandbox: Sandbox) -> None:
-    """Batches above record_limit skip the kernel notifications; the first per-container teardown
+    """Without handle records (the text syntax learns no handles), the first per-container teardown
     reads its network's chains and records where every other container's rules are."""
     ref_ns = sandbox.netns("host-ref")
     ctrs = [container(PODMAN1, i, ports=2) for i in range(20)]
-    fw = make_fw(sandbox)
-    fw.record_limit = 10
+    fw = make_fw(sandbox, syntax="text")
     await fw.commit(setup_networks=[PODMAN1], setup_ports=ctrs)
     assert not (sandbox.config_dir / "firewall/handles" / PODMAN1.network_id).exists()
     await fw.commit(teardown_ports=[ctrs[3]])
@@ -447,7 +446,7 @@ async def test_concurrent_commits_in_one_process(sandbox: Sandbox) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("syntax", ["text", "json"])
+@pytest.mark.parametrize("syntax", ["netlink", "text", "json"])
 async def test_1000_containers_2_ports_one_transaction(sandbox: Sandbox, syntax: str) -> None:
     ctrs = [container(PODMAN1, i, ports=2) for i in range(1000)]
     fw = make_fw(sandbox, syntax=syntax, rootless=True)

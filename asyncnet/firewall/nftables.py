@@ -9,18 +9,20 @@ them as ONE transaction — all or nothing.
 * **Reading** is netavark's ``list table inet netavark``, reduced to what the plan looks into: the
   chain names/handles plus the rules of the chains :func:`~.ruleset.chains_to_read` names (``list
   chain`` is filtered in the kernel). A setup on a table of 8000 rules reads a dozen rules, not 8000.
-* **Writing**: the plan's JSON commands rendered to nft text (parsed ~30% faster; JSON when a command
-  cannot be rendered) and applied with one libnftables call from a worker thread that has entered the
-  host namespace (the C call releases the GIL; contexts are not thread-safe, so each backend owns its
-  contexts behind a lock). Without the library: ``nft -f -`` (also one atomic transaction).
+* **Writing**: the plan encoded as nf_tables netlink messages by :mod:`.wire` — byte for byte what
+  ``nft -f`` sends for the same commands (a test compares them with nft's own batch) — and sent as ONE
+  batch on a netfilter netlink socket from a worker thread inside the host netns. libnftables would
+  spend as long parsing 8000 rules as the kernel spends committing them. Anything the encoder does
+  not know goes through libnftables instead (text syntax, or netavark's JSON), as does every write
+  with ``syntax="text"|"json"``; without the library, ``nft -f -`` (also one atomic transaction).
   pyroute2.nftables is deliberately not used (see DESIGN.md).
 * **Handles**: a container torn down alone must lose exactly its port rules, which netavark finds by
   comparing every rule of the DNAT and ``_dnat`` chains (O(containers on the network)). We record the
-  handles of each container's rules (``<config>/firewall/handles/<network id>``, learned from the
-  kernel's notifications or located by the first teardown that had to read the chains) and delete by
-  handle. Records are only trusted for the same table and chain objects (handles are never reused
-  within a table's life); a stale one makes nft refuse the batch and the commit is re-planned from
-  the chains' contents.
+  handles of each container's rules (``<config>/firewall/handles/<network id>``: counted from the
+  kernel's echo of the batch's first and last new rule, or located by the first teardown that had to
+  read the chains) and delete by handle. Records are only trusted for the same table and chain
+  objects (handles are never reused within a table's life); a stale one makes the kernel refuse the
+  batch and the commit is re-planned from the chains' contents.
 
 netavark's state files (``<config>/firewall/{firewall-driver,networks/,ports/}``) are written exactly as
 netavark writes them so that ``firewall-reload`` can replay them; a failed transaction restores them,
@@ -30,6 +32,7 @@ so "nothing applied" holds for the files too.
 from __future__ import annotations
 
 import fcntl
+import functools
 import gc
 import hashlib
 import ipaddress
@@ -53,7 +56,8 @@ import orjson
 
 from ..errors import AsyncnetError, ConfigError, FirewallError, io_error_text
 from ..netns import Netns, run_in_netns_sync
-from ..types import IPNetwork, Isolation, parse_port_mapping
+from ..types import IPAddress, Isolation, parse_port_mapping
+from . import wire
 from .ruleset import (
     FAMILY,
     TABLE,
@@ -85,6 +89,7 @@ LOG_USING_NFTABLES = "Using nftables firewall driver"
 LOG_NO_FIREWALL = "Not using firewall"
 
 
+@functools.lru_cache(maxsize=1024)
 def network_hash_name(network_name: str) -> str:
     """netavark's ``network_hash_name`` (kept in the state files; iptables uses it for chain names)."""
     return hashlib.sha512(network_name.encode()).hexdigest().upper()[:HASH_NAME_LEN]
@@ -143,11 +148,23 @@ class _Backend(Protocol):
 
     def table_handle(self) -> int | None: ...
 
-    def apply(self, payload: bytes, *, json_input: bool, record: bool = False) -> list[RuleRef] | None: ...
+    def apply(self, plan: Plan, *, syntax: str, existing_chains: set[str],
+              record: bool = False) -> wire.Handles | None: ...
+
+
+def _render(cmds: list[dict[str, Any]], syntax: str) -> tuple[bytes, bool]:
+    """nft input for ``cmds``: (payload, is_json). Text unless asked for JSON or unrenderable."""
+    if syntax != "json":
+        try:
+            return render_text(cmds).encode(), False
+        except Unrenderable as exc:
+            log.debug("sending JSON: %s", exc)
+    return orjson.dumps({"nftables": cmds}), True
 
 
 class _LibBackend:
-    """libnftables through the ``nftables`` module; call only from a thread inside the host netns."""
+    """libnftables through the ``nftables`` module for reads (and writes in the text/JSON syntaxes),
+    plus a netfilter netlink socket for the netlink syntax; call only from a thread in the host netns."""
 
     name = "libnftables"
     needs_setns = True
@@ -159,7 +176,7 @@ class _LibBackend:
         self._module = nftables
         self._reader: Any = None
         self._writer: Any = None
-        self._listener: _RuleListener | None = None
+        self._socket: _NfSocket | None = None
         self._lock = threading.Lock()
 
     def _context(self, *, writer: bool = False) -> Any:
@@ -182,10 +199,10 @@ class _LibBackend:
             self._context()
             self._context(writer=True)
 
-    def _netlink(self) -> _RuleListener | None:
-        if self._listener is None:
-            self._listener = _RuleListener.open()
-        return self._listener
+    def _netlink(self) -> _NfSocket | None:
+        if self._socket is None:
+            self._socket = _NfSocket.open()
+        return self._socket
 
     def table_handle(self) -> int | None:
         with self._lock:
@@ -202,46 +219,38 @@ class _LibBackend:
             raise _nft_error(err)
         return out
 
-    def apply(self, payload: bytes, *, json_input: bool, record: bool = False) -> list[RuleRef] | None:
-        """One transaction. ``record``: also return the (chain, handle) of every rule it added.
-
-        Either syntax goes through the same call: with JSON output on, 1.0.6 tries JSON first and
-        falls back to the text parser (a text batch fails the JSON parse at its first byte). New
-        handles come from the kernel's own notifications, not from nft's ``--echo``: echo makes
-        libnftables load its whole cache (150-200 ms on an 8000-rule table, for one new rule).
-        """
+    def apply(self, plan: Plan, *, syntax: str, existing_chains: set[str],
+              record: bool = False) -> wire.Handles | None:
+        """One transaction. Returns the handles of the rules and chains it added when ``record`` and
+        they could be established (netlink syntax only), else None."""
         with self._lock:
-            listener = self._netlink() if record else None
-            if listener is not None and not listener.start():
-                listener = None
-            try:
-                rc, _out, err = self._context(writer=True).cmd(payload)
-                if rc != 0:
-                    raise _nft_error(err)
-                return listener.collect() if listener is not None else None
-            finally:
-                if listener is not None:
-                    listener.stop()
+            if syntax == "netlink":
+                nl = self._netlink()
+                try:
+                    batch = wire.encode(plan.items, existing_chains=existing_chains)
+                except wire.Unencodable as exc:
+                    log.debug("not encodable as netlink, using libnftables: %s", exc)
+                else:
+                    if nl is not None:
+                        return nl.transact(batch, plan, record=record)
+            payload, _json = _render(plan.commands, syntax)
+            rc, _out, err = self._context(writer=True).cmd(payload)
+            if rc != 0:
+                raise _nft_error(err)
+            return None
 
 
 NETLINK_NETFILTER = 12
-NFNLGRP_NFTABLES = 7
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWTABLE = 0
-NFT_MSG_NEWRULE = 6
-NFT_MSG_NEWGEN = 15
 NFPROTO_INET = 1
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
-NETLINK_DROP_MEMBERSHIP = 2
-SO_RCVBUFFORCE = 33
-
-
+SO_SNDBUFFORCE = 32
 NFT_MSG_GETTABLE = 1
 NLM_F_REQUEST = 1
 NLMSG_ERROR = 2
 NFTA_TABLE_NAME = 1
 NFTA_TABLE_HANDLE = 4
+NFTA_RULE_HANDLE = 3
 
 
 def _table_handle_request(seq: int) -> bytes:
@@ -252,50 +261,72 @@ def _table_handle_request(seq: int) -> bytes:
                        NLM_F_REQUEST, seq, 0) + body
 
 
+def _attr_u64(data: bytes, off: int, length: int, wanted: int) -> int | None:
+    """The big-endian u64 attribute ``wanted`` of the nfnetlink message at ``off``, if present."""
+    a = off + 20
+    end = min(off + length, len(data))
+    while a + 4 <= end:
+        alen, atype = struct.unpack_from("=HH", data, a)
+        if alen < 4:
+            break
+        if atype & 0x3FFF == wanted and alen == 12:
+            return int.from_bytes(data[a + 4:a + 12], "big")
+        a += (alen + 3) & ~3
+    return None
+
+
 def _parse_table_handle(data: bytes) -> int | None:
     if len(data) < 20:
         return None
     length, mtype = struct.unpack_from("=IH", data)
     if mtype == NLMSG_ERROR or mtype & 0xFF != NFT_MSG_NEWTABLE:
         return None  # ENOENT: no table
-    a = 20
-    while a + 4 <= min(length, len(data)):
-        alen, atype = struct.unpack_from("=HH", data, a)
-        if alen < 4:
-            break
-        if atype & 0x3FFF == NFTA_TABLE_HANDLE and alen == 12:
-            return int.from_bytes(data[a + 4:a + 12], "big")
-        a += (alen + 3) & ~3
-    return None
+    return _attr_u64(data, 0, length, NFTA_TABLE_HANDLE)
 
 
-_NEWRULE_TYPE = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE
-_TABLE_ATTR = struct.pack("=HH", 4 + len(TABLE) + 1, 1) + TABLE.encode() + b"\0"
-_HANDLE_ATTR_HDR = struct.pack("=HH", 12, 3)
+class _NfSocket:
+    """A NETLINK_NETFILTER socket kept for the backend's lifetime (in the host netns).
 
+    It sends :mod:`.wire` batches — the bytes nft would send for the same commands, minus nft's
+    parser (about half of a big commit) — and asks for the table's handle, which tells a table from
+    a re-created one (``nft flush ruleset`` + reload: chain and rule handles restart with a new
+    table, the table handle does not; libnftables has no cheap way to ask).
 
-class _RuleListener:
-    """A NETLINK_NETFILTER socket kept for the backend's lifetime (in the host netns): asks for the
-    table's handle, and learns the new rules' handles from the kernel's notifications.
-
-    The table handle tells a table from a re-created one (``nft flush ruleset`` + reload): chain
-    and rule handles restart with a new table, the table handle does not. libnftables has no cheap
-    way to ask (``list tables`` loads its whole cache: ~10 ms at 150 containers, growing).
-
-    The kernel announces each committed rule (table, chain, handle) in commit order, then a NEWGEN
-    message naming the committing thread. Only what the kernel sends is parsed (nlmsghdr, nfgenmsg,
-    three attributes); anything unexpected (a lost message, a foreign transaction in between) makes
-    :meth:`collect` return None and nothing is recorded.
-
-    One socket per backend, subscribed only around a transaction (:meth:`start`/:meth:`stop`): a
-    subscribed socket makes the kernel build notifications for every change in the namespace, and
-    closing a netfilter netlink socket right after a transaction costs ~10 ms here (measured), more
-    than the transaction itself.
+    New rules' handles: the kernel allocates one handle per new rule, chain and set of a table, in
+    the order of the batch's messages, under the commit mutex. So only the first and the last new
+    rule are echoed (NLM_F_ECHO) and the others are counted from the first; the last one checks
+    the count (a chain the planner thought missing, a foreign writer in between) — on a mismatch
+    nothing is recorded. Echoing every rule would make the kernel build 8000 notifications.
     """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._seq = 0
+        self._sndbuf = 0
+
+    @classmethod
+    def open(cls) -> _NfSocket | None:
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+        except OSError:
+            return None
+        try:
+            sock.bind((0, 0))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            return None
+        return cls(sock)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                if not self.sock.recv(1 << 20):
+                    return
+            except BlockingIOError:
+                return
+            except OSError:
+                continue  # ENOBUFS is reported once; keep draining
 
     def table_handle(self) -> int | None:
         """``inet netavark``'s handle, or None when there is no such table."""
@@ -314,97 +345,69 @@ class _RuleListener:
         except OSError:
             return None
 
-    @classmethod
-    def open(cls) -> _RuleListener | None:
-        try:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
-        except OSError:
-            return None
-        try:
+    def transact(self, batch: wire.Batch, plan: Plan, *, record: bool) -> wire.Handles | None:
+        """Send one batch; raise ``nftables error: …`` when the kernel rejects it (then nothing of it
+        was applied). The kernel handles the whole batch inside ``sendmsg``, so its answers (errors,
+        echoes) are queued when the call returns, as nft itself relies on."""
+        rule_seqs = batch.rule_seqs() if record else []
+        echo = (rule_seqs[0], rule_seqs[-1]) if rule_seqs else ()
+        data = batch.framed(echo)
+        self._drain()
+        if len(data) + 4096 > self._sndbuf:
             try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)  # 8000 rules: ~4 MB
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data) + 4096)
             except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
-            sock.bind((0, 0))
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            return None
-        return cls(sock)
-
-    def _drain(self) -> None:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(data) + 4096)
+            self._sndbuf = len(data) + 4096
+        try:
+            self.sock.send(data)
+        except OSError as exc:
+            raise FirewallError(f"nftables error: netlink: {io_error_text(exc)}") from None
+        errors: list[str] = []
+        echoed: dict[int, int] = {}
         while True:
             try:
-                if not self.sock.recv(1 << 20):
-                    return
+                msg = self.sock.recv(1 << 20)
             except BlockingIOError:
-                return
-            except OSError:
-                continue  # ENOBUFS is reported once; keep draining
-
-    def start(self) -> bool:
-        self._drain()
-        try:
-            self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
-        except OSError:
-            return False
-        return True
-
-    def stop(self) -> None:
-        try:
-            self.sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, NFNLGRP_NFTABLES)
-        except OSError:
-            pass
-        self._drain()
-
-    def collect(self) -> list[RuleRef] | None:
-        """The rules of this thread's transaction, in commit order (all queued when the call returns)."""
-        me = threading.get_native_id()
-        rules: list[RuleRef] = []
-        unpack_hdr, unpack_attr = struct.Struct("=IHH").unpack_from, struct.Struct("=HH").unpack_from
-        while True:
-            try:
-                data = self.sock.recv(1 << 20)
-            except BlockingIOError:
-                return None  # our NEWGEN never came
-            except OSError:
-                return None  # ENOBUFS: notifications were dropped
+                break
+            except OSError as exc:
+                errors.append(io_error_text(exc))
+                continue
             off = 0
-            while off + 20 <= len(data):
-                length, mtype, _flags = unpack_hdr(data, off)
-                if length < 20:
-                    return None
-                if mtype == _NEWRULE_TYPE and data[off + 16] == NFPROTO_INET \
-                        and data[off + 20:off + 33] == _TABLE_ATTR and data[off + 38] == 2:
-                    # the kernel's fixed layout: TABLE, CHAIN, HANDLE attributes first (fast path;
-                    # anything else goes through the generic attribute walk below)
-                    clen = data[off + 36] | data[off + 37] << 8
-                    h = off + 36 + ((clen + 3) & ~3)
-                    if data[h:h + 4] == _HANDLE_ATTR_HDR:
-                        rules.append((data[off + 40:off + 35 + clen].decode(),
-                                      int.from_bytes(data[h + 4:h + 12], "big")))
-                        off += (length + 3) & ~3
-                        continue
-                if mtype >> 8 == NFNL_SUBSYS_NFTABLES and (mtype & 0xFF) in (NFT_MSG_NEWRULE, NFT_MSG_NEWGEN):
-                    attrs: dict[int, bytes] = {}
-                    a, end = off + 20, off + length
-                    while a + 4 <= end:
-                        alen, atype = unpack_attr(data, a)
-                        if alen < 4:
-                            break
-                        attrs[atype & 0x3FFF] = data[a + 4:a + alen]
-                        a += (alen + 3) & ~3
-                    if mtype & 0xFF == NFT_MSG_NEWGEN:
-                        pid = attrs.get(2)
-                        if pid is not None and int.from_bytes(pid, "big") == me:
-                            return rules
-                        rules = []  # another transaction's notifications: not ours
-                    elif data[off + 16] == NFPROTO_INET and attrs.get(1) == TABLE.encode() + b"\0":
-                        chain, handle = attrs.get(2), attrs.get(3)
-                        if chain is None or handle is None:
-                            return None
-                        rules.append((chain[:-1].decode(), int.from_bytes(handle, "big")))
+            while off + 16 <= len(msg):
+                length, mtype, _flags, seq = struct.unpack_from("=IHHI", msg, off)
+                if length < 16:
+                    break
+                if mtype == NLMSG_ERROR and off + 20 <= len(msg):
+                    code = -struct.unpack_from("=i", msg, off + 16)[0]
+                    if code:
+                        errors.append(self._describe(code, batch, plan, seq))
+                elif mtype == (NFNL_SUBSYS_NFTABLES << 8) | wire.NFT_MSG_NEWRULE:
+                    handle = _attr_u64(msg, off, length, NFTA_RULE_HANDLE)
+                    if handle is not None:
+                        echoed[seq] = handle
                 off += (length + 3) & ~3
+        if errors:
+            raise FirewallError("nftables error: " + " ".join(dict.fromkeys(errors)))
+        if not echo or echo[0] not in echoed or echo[1] not in echoed:
+            return None
+        handles = batch.handles(echoed[echo[0]])
+        if handles.rules[batch.command_at(echo[1])][1] != echoed[echo[1]]:  # type: ignore[index]
+            log.debug("rule handles did not line up with the batch; not recording them")
+            return None
+        return handles
+
+    @staticmethod
+    def _describe(code: int, batch: wire.Batch, plan: Plan, seq: int) -> str:
+        """nft's wording: the error, then the command it belongs to."""
+        text = f"Error: Could not process rule: {os.strerror(code)}"
+        idx = batch.command_at(seq)
+        if idx is not None:
+            try:
+                text += " " + render_text([plan.commands[idx]]).strip()
+            except Unrenderable:
+                pass
+        return text
 
 
 class _CliBackend:
@@ -437,19 +440,17 @@ class _CliBackend:
             raise _nft_error(err)
         return proc.stdout
 
-    def apply(self, payload: bytes, *, json_input: bool, record: bool = False) -> list[RuleRef] | None:
+    def apply(self, plan: Plan, *, syntax: str, existing_chains: set[str],
+              record: bool = False) -> wire.Handles | None:
+        payload, json_input = _render(plan.commands, syntax)
         proc = self._run(["-j", "-f", "-"] if json_input else ["-f", "-"], payload)
         if proc.returncode != 0:
             raise _nft_error(proc.stderr.decode(errors="replace"))
-        return None  # no handle hints through the binary: it reads the whole table anyway
+        return None  # no handle records through the binary: it reads the whole table anyway
 
 
 # --------------------------------------------------------------------------------------------------
 # state files (§9)
-
-
-def _subnet_text(net: IPNetwork | None) -> str | None:
-    return None if net is None else str(net)
 
 
 def network_state(net: NetworkFw, dns_port: int) -> dict[str, Any]:
@@ -464,20 +465,26 @@ def network_state(net: NetworkFw, dns_port: int) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=256)
+def _gateway_texts(gateways: tuple[IPAddress, ...]) -> list[str]:
+    return [str(g) for g in gateways]  # shared by every port file of the network: never mutated
+
+
 def port_state(pf: PortFw) -> dict[str, Any]:
     """``$config/firewall/ports/<net id>_<ctr id>``."""
+    v4, v6 = pf.ipv4, pf.ipv6
     return {
         "container_id": pf.container_id,
         "network_id": pf.network.network_id,
         "port_mappings": None if pf.port_mappings is None else [m.to_json() for m in pf.port_mappings],
         "network_name": pf.network.network_name,
         "network_hash_name": network_hash_name(pf.network.network_name),
-        "container_ip_v4": None if pf.ipv4 is None else str(pf.ipv4.ip),
-        "subnet_v4": _subnet_text(None if pf.ipv4 is None else pf.ipv4.network),
-        "container_ip_v6": None if pf.ipv6 is None else str(pf.ipv6.ip),
-        "subnet_v6": _subnet_text(None if pf.ipv6 is None else pf.ipv6.network),
+        "container_ip_v4": None if v4 is None else str(v4.ip),
+        "subnet_v4": None if v4 is None else str(v4.network),
+        "container_ip_v6": None if v6 is None else str(v6.ip),
+        "subnet_v6": None if v6 is None else str(v6.network),
         "dns_port": pf.dns_port,
-        "dns_server_ips": [str(g) for g in pf.network.gateways],
+        "dns_server_ips": _gateway_texts(pf.network.gateways),
     }
 
 
@@ -498,22 +505,24 @@ def _next_stamp() -> int:
 class _StateJournal:
     """Files changed before the transaction, with what they held, so a failure can put them back."""
 
-    before: list[tuple[pathlib.Path, bytes | None]] = field(default_factory=list)
+    before: list[tuple[str, bytes | None]] = field(default_factory=list)
 
-    def write(self, path: pathlib.Path, data: bytes, *, only_if_missing: bool = False) -> None:
-        """Create or replace ``path`` (os-level calls: 1000 port files must cost milliseconds, not the
-        half second pathlib/io take here). New files are created with O_EXCL, so only a file that
-        existed before is read for the rollback."""
+    def write(self, directory: str, name: str, data: bytes, *, only_if_missing: bool = False,
+              dir_fd: int | None = None) -> None:
+        """Create or replace ``directory/name`` (os-level calls relative to an open directory: 1000
+        port files must cost milliseconds, not the half second pathlib/io take here). New files are
+        created with O_EXCL, so only a file that existed before is read for the rollback."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+        where = name if dir_fd is not None else f"{directory}/{name}"
         try:
-            fd = os.open(path, flags | os.O_EXCL, 0o644)
-            self.before.append((path, None))
+            fd = os.open(where, flags | os.O_EXCL, 0o644, dir_fd=dir_fd)
+            self.before.append((f"{directory}/{name}", None))
         except FileExistsError:
             if only_if_missing:
                 return  # netavark: "net config file already exists no need to write the same stuff again"
-            with open(path, "rb") as fh:
-                self.before.append((path, fh.read()))
-            fd = os.open(path, flags | os.O_TRUNC, 0o644)
+            with open(f"{directory}/{name}", "rb") as fh:
+                self.before.append((f"{directory}/{name}", fh.read()))
+            fd = os.open(where, flags | os.O_TRUNC, 0o644, dir_fd=dir_fd)
         try:
             os.write(fd, data)
             stamp = _next_stamp()
@@ -527,16 +536,18 @@ class _StateJournal:
                 old = fh.read()
         except FileNotFoundError:
             return
-        self.before.append((path, old))
+        self.before.append((str(path), old))
         path.unlink(missing_ok=True)
 
     def rollback(self) -> None:
         for path, data in reversed(self.before):
             try:
                 if data is None:
-                    path.unlink(missing_ok=True)
+                    os.unlink(path)
                 else:
-                    path.write_bytes(data)
+                    pathlib.Path(path).write_bytes(data)
+            except FileNotFoundError:
+                pass
             except OSError as exc:  # best effort: the nft error is what the caller must see
                 log.warning("could not restore firewall state file %s: %s", path, exc)
 
@@ -643,26 +654,22 @@ class NftablesFirewall:
     log_message = LOG_USING_NFTABLES
 
     def __init__(self, host_netns: Netns, config_dir: pathlib.Path, *, rootless: bool = False,
-                 backend: str | None = None, syntax: str = "text", record_handles: bool = True) -> None:
+                 backend: str | None = None, syntax: str = "netlink", record_handles: bool = True) -> None:
         """``backend``: None = libnftables if it loads, else the ``nft`` binary; or "library"/"cli".
 
-        ``syntax``: how the planned JSON commands are handed to nftables — "text" (rendered to nft
-        syntax, parsed ~30% faster by libnftables 1.0.6; JSON whenever a command cannot be rendered)
-        or "json" (netavark's exact wire format).
+        ``syntax``: how the planned commands reach the kernel — "netlink" (the library backend sends
+        the bytes nft would send, encoded by :mod:`.wire`, skipping nft's parser: about half of a big
+        commit; text through libnftables for anything it does not encode, and with the binary), "text"
+        (rendered to nft syntax, parsed ~30% faster than JSON by libnftables 1.0.6; JSON whenever a
+        command cannot be rendered) or "json" (netavark's exact wire format).
 
-        ``record_handles`` (libnftables, not rootless): keep the handles of each container's port
+        ``record_handles`` (netlink syntax, not rootless): keep the handles of each container's port
         rules in ``<config>/firewall/handles/<network id>`` so that tearing one container down later
         deletes by handle instead of reading its network's chains (O(1) instead of O(containers)).
-        Costs ~30% on a batch of thousands of new rules (the kernel's notifications), nothing
-        measurable on small ones.
         """
         self.record_handles = record_handles
-        #: new port rules up to which one transaction learns their handles from the kernel's
-        #: notifications (~12 us per rule); bigger batches are located by the first teardown that
-        #: has to read their network's chains anyway (see _locate_others)
-        self.record_limit = 1000
-        if syntax not in ("text", "json"):
-            raise ValueError(f"syntax must be 'text' or 'json', not {syntax!r}")
+        if syntax not in ("netlink", "text", "json"):
+            raise ValueError(f"syntax must be 'netlink', 'text' or 'json', not {syntax!r}")
         self.syntax = syntax
         self.host_netns = host_netns
         self.config_dir = pathlib.Path(config_dir)
@@ -794,29 +801,29 @@ class NftablesFirewall:
                 table, hints = Table.from_json(backend.list(f"table {FAMILY} {TABLE}")), {}
             t1 = time.perf_counter()
             plan = build_plan(table, **plan_args, handle_hints=hints)
-            cmds = plan.commands
-            payload, json_input = self._encode(cmds) if cmds else (b"", False)
-        t2 = time.perf_counter()
-        if cmds:
-            notify = record and 0 < len(plan.owners) <= self.record_limit
-            try:
-                added = backend.apply(payload, json_input=json_input, record=notify)
-            except FirewallError:
-                if not hints:
-                    raise
-                # a recorded handle may have been deleted behind our back (ENOENT fails the batch):
-                # nothing was applied, so plan again from the chains' contents
-                log.info("retrying the firewall transaction without recorded rule handles")
-                self._read_plan_apply(backend, use_hints=False, **plan_args)
-                return
-            with self._count_lock:
-                self.transactions += 1
-        if cmds and record:
+            n_cmds = len(plan)
+            t2 = time.perf_counter()
+            handles: wire.Handles | None = None
+            if n_cmds:
+                try:
+                    handles = backend.apply(plan, syntax=self.syntax, existing_chains=set(table.chains),
+                                            record=record and plan.has_owners)
+                except FirewallError:
+                    if not hints:
+                        raise
+                    # a recorded handle may have been deleted behind our back (ENOENT fails the batch):
+                    # nothing was applied, so plan again from the chains' contents
+                    log.info("retrying the firewall transaction without recorded rule handles")
+                    self._read_plan_apply(backend, use_hints=False, **plan_args)
+                    return
+                with self._count_lock:
+                    self.transactions += 1
+        if n_cmds and record:
             located = self._locate_others(table, plan_args, hints)
-            self._update_handle_files(backend, plan, added if notify else None, plan_args, table, located)
+            self._update_handle_files(backend, plan, handles, plan_args, table, located)
         t3 = time.perf_counter()
         stats.read_s, stats.plan_s, stats.apply_s, stats.total_s = t1 - t0, t2 - t1, t3 - t2, t3 - t0
-        stats.rules_before, stats.commands = len(table), len(cmds)
+        stats.rules_before, stats.commands = len(table), n_cmds
         self.last_stats = stats
 
     # -- recorded rule handles ----------------------------------------------------------------------
@@ -872,7 +879,7 @@ class NftablesFirewall:
             return {}
         return locate_port_rules(table, [pf for pf in ports if pf.key not in gone and pf.port_mappings])
 
-    def _update_handle_files(self, backend: _Backend, plan: Plan, added: list[RuleRef] | None,
+    def _update_handle_files(self, backend: _Backend, plan: Plan, handles: wire.Handles | None,
                              plan_args: dict[str, Any], table: Table,
                              located: dict[PortKey, list[RuleRef]]) -> None:
         """After a successful transaction: forget the torn-down containers, record the new ones.
@@ -881,13 +888,10 @@ class NftablesFirewall:
         missing record only means a later teardown searches the chains by structure.
         """
         refs: dict[PortKey, list[RuleRef]] = {k: list(v) for k, v in (*located.items(), *plan.kept.items())}
-        if plan.owners and added is not None:
-            handles = match_new_handles(added, plan.commands)
-            if handles is None:
-                log.debug("could not match the kernel's notifications to the batch; not recording handles")
-            else:
-                for idx, key in plan.owners.items():
-                    refs.setdefault(key, []).append((_rule_chain(plan.commands[idx]), handles[idx]))
+        if handles is not None:
+            rules = handles.rules
+            for start, count, key in plan.owner_ranges():
+                refs.setdefault(key, []).extend([rules[i] for i in range(start, start + count)])
         drop: dict[str, set[str]] = {}
         for pf in plan_args.get("teardown_ports", ()):
             drop.setdefault(pf.network.network_id, set()).add(pf.container_id)
@@ -895,7 +899,14 @@ class NftablesFirewall:
         touched = set(drop) | {k[0] for k in refs} | gone
         if not touched:
             return
-        after = _read_index(backend, with_handle=True) if plan.owners or plan.kept else None
+        after: Table | None = None
+        if handles is not None and table.handle is not None:
+            # the batch's new chains were numbered with its rules: no need to read them back
+            after = Table(exists=True, chains={**table.chains, **handles.chains}, handle=table.handle)
+        elif handles is not None:  # a new table: only its handle is unknown
+            after = Table(exists=True, chains={**table.chains, **handles.chains}, handle=backend.table_handle())
+        elif plan.has_owners or plan.kept:
+            after = _read_index(backend, with_handle=True)
         chains_now = (after if after is not None else table).chains  # a teardown keeps the chains
         directory = self.config_dir / FIREWALL_DIR / HANDLES_DIR
         try:
@@ -923,14 +934,6 @@ class NftablesFirewall:
         except OSError as exc:
             log.warning("could not record firewall rule handles: %s", exc)
 
-    def _encode(self, cmds: list[dict[str, Any]]) -> tuple[bytes, bool]:
-        if self.syntax == "text":
-            try:
-                return render_text(cmds).encode(), False
-            except Unrenderable as exc:
-                log.debug("sending JSON: %s", exc)
-        return orjson.dumps({"nftables": cmds}), True
-
     def _update_state(self, journal: _StateJournal, setup_networks: Sequence[NetworkFw],
                       setup_ports: Sequence[PortFw], teardown_ports: Sequence[PortFw],
                       teardown_networks: Sequence[NetworkFw]) -> None:
@@ -943,7 +946,7 @@ class NftablesFirewall:
             if setup_networks or setup_ports:
                 (fw / NETWORKS_DIR).mkdir(parents=True, exist_ok=True)
                 (fw / PORTS_DIR).mkdir(parents=True, exist_ok=True)
-                journal.write(fw / DRIVER_FILE, self.driver_name.encode())
+                journal.write(str(fw), DRIVER_FILE, self.driver_name.encode())
                 dns_ports: dict[str, int] = {}
                 for pf in setup_ports:
                     dns_ports.setdefault(pf.network.network_id, pf.dns_port)
@@ -951,12 +954,17 @@ class NftablesFirewall:
                 for pf in setup_ports:
                     nets.setdefault(pf.network.network_id, pf.network)
                 for nid, net in nets.items():
-                    journal.write(fw / NETWORKS_DIR / nid, orjson.dumps(network_state(net, dns_ports.get(nid, 53))),
-                                  only_if_missing=True)
-                ports_dir = fw / PORTS_DIR
-                for pf in setup_ports:
-                    journal.write(ports_dir / f"{pf.network.network_id}_{pf.container_id}",
-                                  orjson.dumps(port_state(pf)))
+                    journal.write(str(fw / NETWORKS_DIR), nid,
+                                  orjson.dumps(network_state(net, dns_ports.get(nid, 53))), only_if_missing=True)
+                ports_dir = str(fw / PORTS_DIR)
+                dir_fd = os.open(ports_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    write, dumps = journal.write, orjson.dumps
+                    for pf in setup_ports:
+                        write(ports_dir, f"{pf.network.network_id}_{pf.container_id}", dumps(port_state(pf)),
+                              dir_fd=dir_fd)
+                finally:
+                    os.close(dir_fd)
         except OSError as exc:
             raise FirewallError(f"write firewall config: {io_error_text(exc)}") from None
 
@@ -986,26 +994,6 @@ def _read_chains(backend: _Backend, table: Table, needed: set[str]) -> None:
             continue
         table.merge_json(raw)
         table.loaded.add(name)  # type: ignore[union-attr]
-
-
-def match_new_handles(added: list[RuleRef] | None, cmds: Sequence[dict[str, Any]]) -> dict[int, int] | None:
-    """Command index -> handle of the rule it added; None unless the rules line up one to one."""
-    if added is None:
-        return None
-    indices = [i for i, c in enumerate(cmds) if "add" in c and "rule" in c["add"] or "insert" in c]
-    if len(indices) != len(added):
-        return None
-    out: dict[int, int] = {}
-    for idx, (chain, handle) in zip(indices, added, strict=True):
-        if chain != _rule_chain(cmds[idx]):
-            return None
-        out[idx] = handle
-    return out
-
-
-def _rule_chain(cmd: dict[str, Any]) -> str:
-    (body,) = cmd.values()
-    return body["rule"]["chain"]
 
 
 class NoFirewall:

@@ -6,8 +6,9 @@ engine call at once: :func:`plan_transaction` replays netavark's calls in memory
 against a model of the table that starts as the pre-read listing and is updated by every command the
 plan emits. So "add only if missing" sees what earlier parts of the same batch added (200 containers
 in one batch give exactly what 200 sequential netavark calls give), and deletions find their targets
-by handle in the pre-read listing. The result is a list of nftables JSON commands for ONE atomic
-transaction. No I/O here: ``firewall/nftables.py`` reads the table and applies the plan.
+by handle in the pre-read listing. The result is ONE atomic transaction: nftables JSON commands, in
+which each container's port rules stay a :class:`PortBlock` until someone needs them as JSON (the
+netlink encoder does not). No I/O here: ``firewall/nftables.py`` reads the table and applies the plan.
 
 The spec is ``netavark-nftables.md`` (section numbers below refer to it). Where netavark would fail a
 whole batch (deleting a chain that a stale rule still jumps to, deleting the same handle twice) the
@@ -21,7 +22,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,10 +265,8 @@ def port_rules(pf: PortFw, cip: ipaddress.IPv4Interface | ipaddress.IPv6Interfac
     saddr_subnet = _subnet_match(cip.network, "saddr")
     out: list[tuple[str, list[Any]]] = []
     for m in pf.port_mappings:
-        if m.host_ip == "0.0.0.0" and v6 or m.host_ip == "::" and not v6:
-            continue
-        host = parse_host_ip(m)
-        if host is not None and host.version != ip.version:
+        host = mapping_host(m, v6)
+        if host is False:
             continue
         daddr = [_ip_match(host, "daddr")] if host is not None else []
         dport = _dport_match(m)
@@ -283,6 +282,50 @@ def port_rules(pf: PortFw, cip: ipaddress.IPv4Interface | ipaddress.IPv6Interfac
             out.append((dnat_chain, [*daddr, _dport_match(m, m.host_port + i),
                                      {"dnat": {"addr": ip_text, "family": fam, "port": m.container_port + i}}]))
     return out
+
+
+def mapping_host(m: PortMapping, v6: bool) -> IPAddress | None | bool:
+    """§5.2's host_ip handling for one family: the daddr to match, None for no daddr match, or
+    False when the mapping has no rules in this family."""
+    if m.host_ip == "0.0.0.0" and v6 or m.host_ip == "::" and not v6:
+        return False
+    host = parse_host_ip(m)
+    if host is not None and host.version != (6 if v6 else 4):
+        return False
+    return host
+
+
+@dataclass(frozen=True, eq=False)
+class PortBlock:
+    """A plan item: the §5.2 rules of one container on one family, not spelled out as JSON.
+
+    1000 containers x 2 ports are 8000 rules; building 8000 JSON commands only for the netlink
+    encoder to take them apart again was half of a big commit. The encoder (:mod:`.wire`) turns a
+    block into the same bytes directly; :attr:`Plan.commands` expands it with :func:`port_rules`
+    when the JSON is wanted (text/JSON syntax, tests).
+    """
+
+    pf: PortFw
+    cip: ipaddress.IPv4Interface | ipaddress.IPv6Interface
+    dnat_chain: str
+
+    @functools.cached_property
+    def chains(self) -> list[str]:
+        """The chain of each rule, in :func:`port_rules` order (without building the rules)."""
+        v6 = self.cip.version == 6
+        out: list[str] = []
+        for m in self.pf.port_mappings or ():
+            if mapping_host(m, v6) is False:
+                continue
+            out.append(DNAT_CHAIN)
+            out.extend([self.dnat_chain] * ((1 if v6 else 2) + m.count))
+        return out
+
+    def rules(self) -> list[tuple[str, list[Any]]]:
+        return port_rules(self.pf, self.cip)
+
+
+PlanItem = dict[str, Any] | PortBlock
 
 
 def dns_rule(gateway: IPAddress, dns_port: int) -> list[Any]:
@@ -365,15 +408,19 @@ def _bucket(expr: list[Any]) -> Any:
 
 
 class _Chain:
-    __slots__ = ("name", "rules", "_index", "loaded")
+    __slots__ = ("name", "rules", "_index", "loaded", "pending")
 
     def __init__(self, name: str, loaded: bool = True) -> None:
         self.name = name
         self.rules: dict[int, list[Any]] = {}  # rid -> expr; rid > 0: pre-read handle, < 0: added now
         self._index: _Index | None = None
         self.loaded = loaded  # False: the chain exists but its rules were not read
+        #: the planner's materialiser when port blocks added rules here that are not spelled out yet
+        self.pending: Callable[[], None] | None = None
 
     def index(self) -> _Index:
+        if self.pending is not None:
+            self.pending()
         if not self.loaded:
             raise AssertionError(f"planner bug: chain {self.name} was not read (see chains_to_read)")
         if self._index is None:
@@ -383,7 +430,7 @@ class _Chain:
         return self._index
 
     def structural(self) -> dict[Any, dict[int, None]]:
-        index = self.index()
+        index = self.index()  # (materialises pending blocks first)
         if index.exprs is None:
             index.exprs = {}
             for rid, expr in self.rules.items():
@@ -420,8 +467,9 @@ class _Chain:
         return list(self.index().jumps.get(target, ()))
 
     def equal_to(self, expr: list[Any]) -> list[int]:
+        candidates = self.structural().get(_bucket(expr), ())
         rules = self.rules
-        return [rid for rid in self.structural().get(_bucket(expr), ()) if rules[rid] == expr]
+        return [rid for rid in candidates if rules[rid] == expr]
 
 
 class _Planner:
@@ -444,10 +492,11 @@ class _Planner:
         self._rule_deletes: dict[int, str] = {}  # handle -> chain, in order
         self._chain_deletes: dict[str, None] = {}
         self.teardown_cmds: list[dict[str, Any]] = []
-        self.setup_cmds: list[dict[str, Any]] = []
+        self.setup_cmds: list[PlanItem] = []
         self._owner: PortKey | None = None  # set while a container's port rules are added
-        self.setup_owners: dict[int, PortKey] = {}  # index in setup_cmds -> container
+        self.setup_owners: dict[int, PortKey] = {}  # index in setup_cmds -> container (JSON rules)
         self.kept: dict[PortKey, list[RuleRef]] = {}  # skip_existing: rules found in place
+        self._pending: list[PortBlock] = []  # blocks whose rules the model has not seen yet
 
     # -- model helpers ------------------------------------------------------------------------------
 
@@ -477,6 +526,27 @@ class _Planner:
         if self._owner is not None:
             self.setup_owners[len(self.setup_cmds)] = self._owner
         self.setup_cmds.append({"insert" if insert else "add": {"rule": {**_T, "chain": chain, "expr": expr}}})
+
+    def _add_block(self, block: PortBlock) -> None:
+        """Emit a container's port rules as one item; the model learns them only if something
+        looks into their chains later in this batch (a big setup never does)."""
+        self.setup_cmds.append(block)
+        self._pending.append(block)
+        for name in (DNAT_CHAIN, block.dnat_chain):
+            self.chains[name].pending = self._materialise
+
+    def _materialise(self) -> None:
+        blocks, self._pending = self._pending, []
+        for name in {DNAT_CHAIN, *(b.dnat_chain for b in blocks)}:
+            c = self.chains.get(name)
+            if c is not None:
+                c.pending = None
+        for block in blocks:
+            for chain, expr in block.rules():
+                rid = self._next_rid
+                self._next_rid -= 1
+                self.chains[chain].add(rid, expr)
+                self.rule_chain[rid] = chain
 
     def _add_chain(self, name: str) -> None:
         self.chains[name] = _Chain(name)
@@ -635,26 +705,28 @@ class _Planner:
         if pf.port_mappings is None:
             return
         for cip, _v6 in pf.families():
-            rules = port_rules(pf, cip)  # validates host_ip before anything is emitted for this family
-            name = chain_name(pf.network.network_id, cip.network, dnat=True)
+            name = _chain_name_cached(pf.network.network_id, cip.network, True)
             if name not in self.chains:
                 self._add_chain(name)
+            if not skip_existing:
+                self._add_block(PortBlock(pf, cip, name))  # host_ip was validated by build_plan
+                continue
+            rules = port_rules(pf, cip)
             self._owner = pf.key
             try:
                 for chain, expr in rules:
-                    if skip_existing:
-                        found = self.chains[chain].equal_to(expr)
-                        if found:
-                            if found[0] > 0:
-                                self.kept.setdefault(pf.key, []).append((chain, found[0]))
-                            continue
+                    found = self.chains[chain].equal_to(expr)
+                    if found:
+                        if found[0] > 0:
+                            self.kept.setdefault(pf.key, []).append((chain, found[0]))
+                        continue
                     self._add(chain, expr)
             finally:
                 self._owner = None
 
     def result(self) -> Plan:
         offset = len(self.teardown_cmds)
-        return Plan(self.teardown_cmds + self.setup_cmds,
+        return Plan([*self.teardown_cmds, *self.setup_cmds],
                     {offset + i: key for i, key in self.setup_owners.items()}, self.kept)
 
 
@@ -662,11 +734,50 @@ class _Planner:
 class Plan:
     """One transaction plus what is needed to record the handles of each container's port rules."""
 
-    commands: list[dict[str, Any]]
-    #: index in ``commands`` of every add/insert of a container's port rule -> that container
-    owners: dict[int, PortKey] = field(default_factory=dict)
+    #: the commands in order; a :class:`PortBlock` stands for its container's port rules
+    items: list[PlanItem]
+    #: index in ``items`` of a JSON rule add that belongs to a container (blocks know their own)
+    item_owners: dict[int, PortKey] = field(default_factory=dict)
     #: rules of a container that already existed (``skip_existing_port_rules``), by handle
     kept: dict[PortKey, list[RuleRef]] = field(default_factory=dict)
+
+    @functools.cached_property
+    def commands(self) -> list[dict[str, Any]]:
+        """The nftables JSON commands of the transaction (blocks spelled out)."""
+        out: list[dict[str, Any]] = []
+        for item in self.items:
+            if isinstance(item, PortBlock):
+                out.extend({"add": {"rule": {**_T, "chain": chain, "expr": expr}}} for chain, expr in item.rules())
+            else:
+                out.append(item)
+        return out
+
+    def owner_ranges(self) -> Iterator[tuple[int, int, PortKey]]:
+        """(first index in :attr:`commands`, count, container) of the containers' port rule adds."""
+        n = 0
+        for i, item in enumerate(self.items):
+            if isinstance(item, PortBlock):
+                count = len(item.chains)
+                if count:
+                    yield n, count, item.pf.key
+                n += count
+            else:
+                if i in self.item_owners:
+                    yield n, 1, self.item_owners[i]
+                n += 1
+
+    @functools.cached_property
+    def owners(self) -> dict[int, PortKey]:
+        """Index in :attr:`commands` of every add of a container's port rule -> that container."""
+        return {start + k: key for start, count, key in self.owner_ranges() for k in range(count)}
+
+    @property
+    def has_owners(self) -> bool:
+        return bool(self.item_owners) or any(isinstance(item, PortBlock) and item.chains for item in self.items)
+
+    def __len__(self) -> int:
+        """The number of commands (without spelling blocks out)."""
+        return sum(len(item.chains) if isinstance(item, PortBlock) else 1 for item in self.items)
 
 
 SMALL_FIXED_CHAINS = (INPUT, FORWARD, POSTROUTING, PREROUTING, OUTPUT, SETMARK_CHAIN,
