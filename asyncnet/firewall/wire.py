@@ -215,6 +215,7 @@ class Batch:
 
 
 RULE, NEW_OBJECT = 1, 2
+_RULE_KIND = bytes([RULE])
 
 
 @dataclass
@@ -328,15 +329,13 @@ class _Encoder:
     # -- a container's port rules -----------------------------------------------------------------
 
     def _emit_rule(self, i: int, chain_attr: bytes, chain: str, exprs: bytes) -> None:
+        """One rule of a port block (the block does the batch's per-message bookkeeping at once)."""
         seq = self.seq
         self.seq = seq + 1
         self.batch.messages.append(b"".join((
             _hdr(24 + len(self.table_attr) + len(chain_attr) + len(exprs), _NEWRULE_TYPE, _RULE_APPEND_FLAGS,
                  seq, 0),
             b"\x01\0\0\0", self.table_attr, chain_attr, _attr_hdr(4 + len(exprs), 4 | NLA_F_NESTED), exprs)))
-        self.batch.command_of.append(i)
-        self.batch.kinds.append(RULE)
-        self.batch.rule_chains.append(chain)
 
     def _memo(self, key: Any, make: Any) -> Any:
         out = self.block_memo.get(key)
@@ -364,6 +363,7 @@ class _Encoder:
             {"prefix": {"addr": str(subnet.network_address), "len": subnet.prefixlen}}, "==")[2])
         saddr_localhost = _DEP_NFPROTO["ip"] + memo(("saddr", "127.0.0.1"), lambda: self._payload_match(
             {"protocol": "ip", "field": "saddr"}, "127.0.0.1", "==")[2])
+        first = i
         template = _DNAT[fam]
         dnat_head = template[0] + cip.ip.packed + template[1]
         dnat_tail = template[2]
@@ -408,6 +408,12 @@ class _Encoder:
                                 + _uint(m.host_port + k, 16).to_bytes(2, "big") + b"\0\0" + dnat_head
                                 + _uint(m.container_port + k, 16).to_bytes(2, "big") + dnat_tail)
                 i += 1
+        if i - first != len(block.chains):
+            raise AssertionError("port block: rule count differs from PortBlock.chains")
+        batch = self.batch
+        batch.command_of.extend(range(first, i))
+        batch.kinds.extend(_RULE_KIND * (i - first))
+        batch.rule_chains.extend(block.chains)
         return i
 
     # -- rules --------------------------------------------------------------------------------------
