@@ -349,8 +349,7 @@ class _NfSocket:
         """Send one batch; raise ``nftables error: …`` when the kernel rejects it (then nothing of it
         was applied). The kernel handles the whole batch inside ``sendmsg``, so its answers (errors,
         echoes) are queued when the call returns, as nft itself relies on."""
-        rule_seqs = batch.rule_seqs() if record else []
-        echo = (rule_seqs[0], rule_seqs[-1]) if rule_seqs else ()
+        echo = (batch.first_and_last_rule() or ()) if record else ()
         data = batch.framed(echo)
         self._drain()
         if len(data) + 4096 > self._sndbuf:
