@@ -151,6 +151,20 @@ def test_commands_outside_the_planners_set_are_refused(cmd: dict[str, Any]) -> N
         wire.encode([cmd])
 
 
+def assert_records_match_kernel(sb: Sandbox, expected: list[PortFw]) -> None:
+    listing = orjson.loads(sb.run(["nft", "-j", "-a", "list", "table", "inet", "netavark"]).stdout)
+    rules = {(o["rule"]["chain"], o["rule"]["handle"]): o["rule"]["expr"]
+             for o in listing["nftables"] if "rule" in o}
+    chains = {o["chain"]["name"]: o["chain"]["handle"] for o in listing["nftables"] if "chain" in o}
+    for pf in expected:
+        record = orjson.loads((sb.config_dir / "firewall/handles" / pf.network.network_id).read_bytes())
+        entry = record["containers"][pf.container_id]
+        want = [(chain, expr) for cip, _v6 in pf.families() for chain, expr in port_rules(pf, cip)]
+        got = [(chain, rules.get((chain, handle))) for chain, handle in entry["rules"]]
+        assert got == want, pf.container_name
+        assert entry["chains"] == {c: chains[c] for c in entry["chains"]}
+
+
 async def test_recorded_handles_are_the_kernels(sandbox: Sandbox) -> None:
     """Handles are counted from two echoes over rules, new chains and the DNS rules' anonymous sets:
     every recorded (chain, handle) must be that container's rule in the kernel, chain handles too."""
@@ -158,21 +172,11 @@ async def test_recorded_handles_are_the_kernels(sandbox: Sandbox) -> None:
     await fw.commit(setup_networks=[CTR1.network], setup_ports=[CTR1])  # the table exists before
     ctrs = [container(PODMAN1, i, ports=2, dns_port=DNS_PORT) for i in range(1, 40)] + [CTR3, CTR_ODD]
     await fw.commit(setup_networks=[ISO1, ODD], setup_ports=ctrs)
-    listing = orjson.loads(sandbox.run(["nft", "-j", "-a", "list", "table", "inet", "netavark"]).stdout)
-    rules = {(o["rule"]["chain"], o["rule"]["handle"]): o["rule"]["expr"]
-             for o in listing["nftables"] if "rule" in o}
-    chains = {o["chain"]["name"]: o["chain"]["handle"] for o in listing["nftables"] if "chain" in o}
-    for network in (PODMAN1, ISO1, ODD):
-        record = orjson.loads((sandbox.config_dir / "firewall/handles" / network.network_id).read_bytes())
-        for pf in [c for c in [CTR1, *ctrs] if c.network == network]:
-            entry = record["containers"][pf.container_id]
-            expected = [(chain, expr) for cip, _v6 in pf.families() for chain, expr in port_rules(pf, cip)]
-            got = [(chain, rules.get((chain, handle))) for chain, handle in entry["rules"]]
-            assert len(got) == len(expected)
-            for (chain, expr), (want_chain, want_expr) in zip(got, expected, strict=True):
-                assert expr is not None, f"{pf.container_name}: no rule {chain} in the kernel"
-                assert chain == want_chain and expr == want_expr
-            assert entry["chains"] == {c: chains[c] for c in entry["chains"]}
+    assert_records_match_kernel(sandbox, [CTR1, *ctrs])
+    # a network torn down and set up again in one batch: its chains are deleted and made anew
+    again = PortFw(ISO1, "c6" * 32, "ctr6", CTR3.ipv4, CTR3.ipv6, CTR3.port_mappings, DNS_PORT)
+    await fw.commit(teardown_ports=[CTR3], teardown_networks=[ISO1], setup_networks=[ISO1], setup_ports=[again])
+    assert_records_match_kernel(sandbox, [CTR1, *ctrs[:-2], CTR_ODD, again])
 
 
 async def test_kernel_rejection_reports_the_command_and_changes_nothing(sandbox: Sandbox) -> None:

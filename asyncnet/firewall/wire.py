@@ -235,6 +235,7 @@ class _Encoder:
         self.value_memo: dict[bytes, tuple[_Dep, _Dep, bytes]] = {}
         self.block_memo: dict[Any, bytes] = {}
         self.table_attr = _str(1, TABLE)
+        self.deleted_chains: set[str] = set()
         self.attr_memo: dict[tuple[int, str], bytes] = {}
         self.pre: list[bytes] = []  # messages a statement needs before its rule (anonymous sets)
 
@@ -275,6 +276,7 @@ class _Encoder:
         elif kind == "chain" and verb == "delete" and body.keys() == {"family", "table", "name"}:
             self._message(i, NFT_MSG_DELCHAIN, NLM_F_REQUEST, self._name(1, body["table"]),
                           self._name(3, body["name"]))
+            self.deleted_chains.add(body["name"])  # re-adding it later in the batch makes a new chain
         elif kind == "rule" and verb == "delete" and body.keys() == {"family", "table", "chain", "handle"}:
             handle = body["handle"]
             if not isinstance(handle, int) or isinstance(handle, bool) or not 0 < handle < 1 << 64:
@@ -308,7 +310,7 @@ class _Encoder:
                    existing: frozenset[str] | set[str]) -> None:
         name = _text(body.get("name"))
         keys = set(body)
-        new = name not in existing
+        new = name not in existing or name in self.deleted_chains
         if new:
             self.batch.new_chains[len(self.batch.messages)] = name
         if keys == {"family", "table", "name"}:
