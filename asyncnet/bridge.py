@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import anyio
 
 from .errors import AsyncnetError, NetlinkOpError, netlink_error_text
-from .netlink import IFF_UP, Netlink, address_message, requests_sync, route_message
+from .netlink import IFF_UP, Netlink, address_message, brport_message, requests_sync, route_message
 from .netns import run_in_netns
 from .plan import Attachment, bridge_sysctls, container_sysctls, random_mac
 from .sysctl import write_sysctls_sync
@@ -96,8 +96,9 @@ async def _vrf_index(host: Netlink, vrf: str) -> int:
 
 
 async def create_veths(host: Netlink, ctr_fd: int, atts: list[Attachment], bridges: dict[str, BridgeHandle],
-                       *, hairpin: bool, created: list[str]) -> None:
-    """One request per network: the veth with its peer created directly in the container, host end up.
+                       *, created: list[str]) -> None:
+    """One request per network: the veth with its peer created directly in the container, host end up
+    (without carrier until the container end comes up, so no traffic yet: see :func:`attach_ports_sync`).
 
     Names go into ``created`` before the request, so a rollback also covers a request whose answer was
     lost to a cancellation.
@@ -107,7 +108,7 @@ async def create_veths(host: Netlink, ctr_fd: int, atts: list[Attachment], bridg
         try:
             await host.create_veth(att.host_veth, bridge_index=bridges[att.bridge].index,
                                    mtu=att.network.bridge.mtu, peer_name=att.ifname, peer_netns_fd=ctr_fd,
-                                   peer_mac=att.mac, hairpin=hairpin and not att.network.internal)
+                                   peer_mac=att.mac)
         except NetlinkOpError as exc:
             if exc.code != errno.EEXIST:
                 raise
@@ -120,6 +121,42 @@ async def create_veths(host: Netlink, ctr_fd: int, atts: list[Attachment], bridg
                 f"create veth pair: host interface {att.host_veth} already exists (container "
                 f"{att.container_id} is already attached to network {att.network.name}): "
                 f"{netlink_error_text(errno.EEXIST)}", code=errno.EEXIST) from None
+
+
+def attach_ports_sync(atts: list[Attachment], *, hairpin: bool, quiet: bool) -> dict[str, int]:
+    """Runs in the host namespace (worker thread), before the container end comes up: the host ends'
+    ifindexes, and their bridge port flags in one hand-packed request each — hairpin when the container
+    has port mappings (netavark), and with ``quiet`` multicast flooding *off* until :func:`unquiet_sync`.
+
+    Why quiet: every interface that comes up sends IPv6 link-local chatter (DAD neighbour solicitation,
+    MLD reports, router solicitations) to multicast groups nobody registered, which the bridge floods to
+    every port, so each new container costs a packet delivery into every other container on the bridge —
+    O(ports) per container, O(N^2) per batch, much of it under the RTNL lock (DAD) that every netlink
+    request of the batch also needs. The ports of one batch are quiet towards each other until the batch
+    is made, then get the kernel default back (what netavark leaves): 4 bridges x 250 ports spent a third
+    of the machine's CPU in br_flood/ipv6_rcv and made each container ~1.8x as expensive as at 25 ports.
+    """
+    indexes: dict[str, int] = {}
+    requests = []
+    for att in atts:
+        index = ifindex(att.host_veth)
+        if index is None:
+            raise NetlinkOpError(f"get host interface {att.host_veth}: {netlink_error_text(errno.ENODEV)}",
+                                 code=errno.ENODEV)
+        indexes[att.host_veth] = index
+        pin = hairpin and not att.network.internal
+        if pin or quiet:
+            requests.append((brport_message(index, hairpin=pin, mcast_flood=False if quiet else None),
+                             "set hairpin mode" if pin else "set bridge port flags"))
+    if requests:
+        requests_sync(requests)
+    return indexes
+
+
+def unquiet_sync(indexes: list[int]) -> None:
+    """Host namespace (worker thread): multicast flooding back on for ports :func:`attach_ports_sync`
+    made quiet — the kernel default, as netavark leaves its ports."""
+    requests_sync([(brport_message(index, mcast_flood=True), "set bridge port flags") for index in indexes])
 
 
 def prepare_container_sync(atts: list[Attachment]) -> dict[str, int]:

@@ -21,10 +21,11 @@ import anyio
 
 from .bridge import (
     BridgeHandle,
+    attach_ports_sync,
     configure_container_sync,
     create_veths,
     ensure_bridge,
-    ifindex,
+    unquiet_sync,
 )
 from .bridgelock import BridgeLocks
 from .dns import Aardvark, DnsEntry, DnsNetwork
@@ -32,7 +33,7 @@ from .errors import AsyncnetError, ConfigError, IpamError, NetlinkOpError, combi
 from .firewall.nftables import firewall_driver
 from .firewall.ruleset import NetworkFw, PortFw
 from .netlink import Netlink
-from .netns import Netns, run_in_netns
+from .netns import Netns, run_in_netns, run_in_netns_sync
 from .plan import (
     MAX_BRIDGE_PORTS,
     Attachment,
@@ -95,6 +96,7 @@ class _Work:
     result: Result
     attachments: list[Attachment] = field(default_factory=list)
     created_veths: list[str] = field(default_factory=list)
+    host_indexes: dict[str, int] = field(default_factory=dict)  # host veth name -> ifindex, once made
     fd: int | None = None
     owns_state: bool = False  # allocations or journal rows of this batch that a failure must release
 
@@ -305,9 +307,8 @@ class Engine:
         if self.state is None:
             return
         state = self.state
-        # the journal records the host end's ifindex too: one thread hop, one ioctl per veth (no netlink)
-        names = [a.host_veth for w in works if w.result.ok for a in w.attachments]
-        indexes = await run_in_netns(self._host_fd, lambda: {n: ifindex(n) for n in names}) if names else {}
+        # the journal records the host end's ifindex too (looked up when its port flags were set)
+        indexes: dict[str, int | None] = {n: i for w in works if w.result.ok for n, i in w.host_indexes.items()}
         done = [r for w in works if w.result.ok and w.attachments for r in self._journal_rows(w, bridges, indexes)]
         failed = [(w.container.options.container_id, a.network.name) for w in works
                   if not w.result.ok and w.owns_state for a in w.attachments]
@@ -346,6 +347,11 @@ class Engine:
             for net in networks.values():
                 tg.start_soon(make_bridge, net)
         limiter = anyio.Semaphore(self.concurrency)
+        # A batch's new ports flood no multicast to each other until the batch is made (bridge.py,
+        # attach_ports_sync); one container has nobody to spare the chatter. Progress still reports each
+        # container when its own kernel work is done: like its port rules, the end of the quiet time is a
+        # batch step.
+        quiet = len(live) > 1
 
         async def one(w: _Work) -> None:
             async with limiter:
@@ -353,31 +359,57 @@ class Engine:
                 if err is not None:
                     w.result.error = err
                 else:
-                    await self._setup_container(w, bridges)
+                    await self._setup_container(w, bridges, quiet=quiet)
             if progress is not None:
                 progress(w.result)
 
         async with anyio.create_task_group() as tg:
             for w in live:
                 tg.start_soon(one, w)
+        if quiet:
+            await self._unquiet([w for w in live if w.result.ok])
         v6_host = [(f"net/ipv6/conf/{a.host_veth}/accept_dad", "0", False)
                    for w in live if w.result.ok for a in w.attachments if a.ipv6]
         if v6_host:
             await run_in_netns(self._host_fd, lambda: write_sysctls_sync(v6_host))
 
-    async def _setup_container(self, w: _Work, bridges: dict[str, BridgeHandle]) -> None:
+    async def _setup_container(self, w: _Work, bridges: dict[str, BridgeHandle], *, quiet: bool) -> None:
         assert w.fd is not None
-        fd = w.fd
-        mappings = w.container.options.port_mappings
+        fd, host_fd = w.fd, self._host_fd
+        hairpin = bool(w.container.options.port_mappings)
+
+        def ports_then_container() -> None:
+            # one worker-thread visit: the bridge port flags of the host ends (before the container end
+            # comes up and gives them carrier), then everything inside the container (no socket of its own)
+            w.host_indexes = run_in_netns_sync(host_fd, lambda: attach_ports_sync(w.attachments, hairpin=hairpin,
+                                                                                 quiet=quiet))
+            run_in_netns_sync(fd, lambda: configure_container_sync(w.attachments))
+
         try:
-            await create_veths(self.host, fd, w.attachments, bridges, hairpin=bool(mappings),
-                               created=w.created_veths)
-            # the container side needs no socket of its own: one worker-thread visit does all of it
-            await run_in_netns(fd, lambda: configure_container_sync(w.attachments))
+            await create_veths(self.host, fd, w.attachments, bridges, created=w.created_veths)
+            await anyio.to_thread.run_sync(ports_then_container)
         except AsyncnetError as exc:
             w.result.error = exc
             with anyio.CancelScope(shield=True):
                 await self._delete_veths(w)
+
+    async def _unquiet(self, done: list[_Work]) -> None:
+        """Multicast flooding back on for the batch's ports, in one host-namespace visit; a container
+        whose ports refuse it fails and is rolled back (its ports must not stay different from netavark's)."""
+        def unquiet_all() -> dict[int, AsyncnetError]:
+            errors: dict[int, AsyncnetError] = {}
+            for k, w in enumerate(done):
+                try:
+                    unquiet_sync(list(w.host_indexes.values()))
+                except AsyncnetError as exc:
+                    errors[k] = exc
+            return errors
+
+        errors = await run_in_netns(self._host_fd, unquiet_all)
+        for k, exc in errors.items():
+            done[k].result.error = exc
+            with anyio.CancelScope(shield=True):
+                await self._delete_veths(done[k])
 
     async def _delete_veths(self, w: _Work) -> None:
         """Rollback of one container: the host end takes the peer with it. ENODEV = never made."""

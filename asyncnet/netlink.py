@@ -130,8 +130,10 @@ class Netlink:
         await self.call("create bridge", self.ipr.link, "add", **kwargs)
 
     async def create_veth(self, host_name: str, *, bridge_index: int, mtu: int, peer_name: str,
-                          peer_netns_fd: int, peer_mac: str, hairpin: bool) -> None:
-        """Both ends in one request; the host end comes up at creation (ifi_flags in the same message)."""
+                          peer_netns_fd: int, peer_mac: str) -> None:
+        """Both ends in one request; the host end comes up at creation (ifi_flags in the same message).
+        Bridge port flags (hairpin) cannot ride along (the kernel ignores slave data on creation): see
+        :func:`brport_message`."""
         peer: dict[str, Any] = {"ifname": peer_name, "net_ns_fd": peer_netns_fd, "address": peer_mac}
         kwargs: dict[str, Any] = {"ifname": host_name, "kind": "veth", "master": bridge_index,
                                   "flags": IFF_UP, "change": IFF_UP, "peer": peer}
@@ -139,9 +141,6 @@ class Netlink:
             kwargs["mtu"] = mtu
             peer["mtu"] = mtu
         await self.call("create veth pair", self.ipr.link, "add", **kwargs)
-        if hairpin:
-            # IFLA_BRPORT_MODE is pyroute2's "mode"; an unknown keyword such as hairpin=1 is silently dropped
-            await self.call("set hairpin mode", self.ipr.brport, "set", ifname=host_name, mode=1)
 
     async def set_up(self, index: int, context: str = "set interface up") -> None:
         await self.call(context, self.ipr.link, "set", index=index, flags=IFF_UP, change=IFF_UP)
@@ -258,10 +257,10 @@ def _ifname(data: bytes, off: int, end: int) -> str:
     return ""
 
 
-# ---- container-side requests, hand-packed, for the worker thread that is already in the namespace ----
+# ---- per-container requests, hand-packed, for the worker thread that is already in the namespace ----
 # Encoding them with pyroute2 cost ~40% of a container's setup CPU and needed an AsyncIPRoute per container
 # whose kernel work ran on the loop thread; packed here they run beside the loop, in the thread hop that
-# already writes the container's sysctls.
+# already writes the container's sysctls (and, in the host namespace, sets its bridge port flags).
 
 _RTM_NEWADDR = 20
 _RTM_NEWROUTE_NUM = 24
@@ -269,6 +268,8 @@ _NLM_F_EXCL = 0x200
 _NLM_F_CREATE = 0x400
 _IFA_ADDRESS, _IFA_LOCAL = 1, 2
 _RTA_DST, _RTA_OIF, _RTA_GATEWAY, _RTA_PRIORITY = 1, 4, 5, 6
+_RTM_SETLINK, _IFLA_PROTINFO, _NLA_F_NESTED = 19, 12, 0x8000
+_IFLA_BRPORT_MODE, _IFLA_BRPORT_MCAST_FLOOD = 4, 27
 _RT_TABLE_MAIN, _RTPROT_STATIC, _RT_SCOPE_UNIVERSE, _RTN_UNICAST = 254, 4, 0, 1
 
 
@@ -294,6 +295,19 @@ def route_message(index: int | None, destination: IPNetwork, gateway: ipaddress.
     if index is not None:
         body += _attr(_RTA_OIF, struct.pack("=I", index))
     return _RTM_NEWROUTE_NUM, _NLM_F_CREATE, body
+
+
+def brport_message(index: int, *, hairpin: bool = False, mcast_flood: bool | None = None) -> tuple[int, int, bytes]:
+    """AF_BRIDGE RTM_SETLINK with a nested IFLA_PROTINFO, as `bridge link set` sends it: ``hairpin``
+    sets IFLA_BRPORT_MODE (netavark's hairpin for port mappings), ``mcast_flood`` IFLA_BRPORT_MCAST_FLOOD;
+    what is left out keeps its value. Needs the port's ifindex (the kernel looks the port up by index)."""
+    attrs = b""
+    if hairpin:
+        attrs += _attr(_IFLA_BRPORT_MODE, b"\1")
+    if mcast_flood is not None:
+        attrs += _attr(_IFLA_BRPORT_MCAST_FLOOD, b"\1" if mcast_flood else b"\0")
+    body = struct.pack("=BxHiII", socket.AF_BRIDGE, 0, index, 0, 0) + _attr(_IFLA_PROTINFO | _NLA_F_NESTED, attrs)
+    return _RTM_SETLINK, 0, body
 
 
 def requests_sync(requests: list[tuple[tuple[int, int, bytes], str]]) -> None:

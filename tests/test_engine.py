@@ -362,6 +362,47 @@ async def test_same_new_bridge_one_batch(sandbox: Sandbox) -> None:
     assert_nothing_left(sandbox, [c.netns.path or "" for c in batch])
 
 
+def port_flags(sb: Sandbox, host_veth: str) -> tuple[bool, bool]:
+    """(hairpin, mcast_flood) of a bridge port, as the kernel reports them."""
+    data = link(sb, host_veth)["linkinfo"]["info_slave_data"]
+    return data["hairpin"], data["mcast_flood"]
+
+
+async def test_batch_ports_quiet_until_made(sandbox: Sandbox) -> None:
+    """A batch's new ports flood no multicast while the batch is being made (each new interface's IPv6
+    link-local chatter would otherwise reach every container on the bridge); when setup returns every
+    port has netavark's flags: multicast flooding on (the kernel default), hairpin iff port mappings.
+    A batch of one never turns flooding off."""
+    mapped = [{"host_ip": "", "container_port": 80, "host_port": 18080 + i, "range": 1, "protocol": "tcp"}
+              for i in range(4)]
+    batch = [Container.of(sandbox.netns(f"c{i}"), parse_network_options(options(
+        i, [(net, {"interface_name": f"eth{k}"}) for k, net in enumerate([NET_A, NET_B] if i % 3 == 0 else [NET_A])],
+        **({"port_mappings": [mapped[i]]} if i < 4 else {})))) for i in range(8)]
+    during: dict[str, tuple[bool, bool]] = {}
+
+    def progress(r: Result) -> None:  # a finished container's ports while the batch is still going
+        for nid in (ID_A, ID_B):
+            name = host_veth_name(r.container_id, nid)
+            if name in sandbox.links():
+                during[name] = port_flags(sandbox, name)
+
+    async with engine(sandbox, firewall="none") as e:
+        results = await e.setup(batch, progress=progress)
+        assert errors(results) == {}
+        expected = {host_veth_name(c.options.container_id, nid): (i < 4, True)
+                    for i, c in enumerate(batch) for nid in ([ID_A, ID_B] if i % 3 == 0 else [ID_A])}
+        assert {name: port_flags(sandbox, name) for name in expected} == expected
+        assert during == {name: (hairpin, False) for name, (hairpin, _) in expected.items()}
+        # container to container over IPv6: neighbour discovery is multicast, so this needs the flooding back
+        assert ping(sandbox, batch[1].netns.path or "", address(results[2], "neta", 6))
+        single = container(sandbox.netns("solo"), 99, [NET_B])
+        during.clear()
+        assert errors(await e.setup([single], progress=progress)) == {}
+        assert during == {host_veth_name(single.options.container_id, ID_B): (False, True)}
+        assert errors(await e.teardown([*batch, single])) == {}
+    assert_nothing_left(sandbox, [c.netns.path or "" for c in [*batch, single]])
+
+
 @pytest.mark.parametrize("engines", ["shared", "one each"])
 async def test_same_new_bridge_concurrent_calls(sandbox: Sandbox, engines: str) -> None:
     """20 single-container ``setup`` calls racing for one new bridge in one process (on one Engine, or
