@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -17,7 +18,16 @@ from dataclasses import dataclass
 import anyio
 
 from .errors import AsyncnetError, NetlinkOpError, netlink_error_text
-from .netlink import IFF_UP, Netlink, address_message, brport_message, requests_sync, route_message
+from .netlink import (
+    IFF_UP,
+    IPV4_DEVCONF,
+    Netlink,
+    address_message,
+    brport_message,
+    inet_conf_message,
+    requests_sync,
+    route_message,
+)
 from .netns import run_in_netns
 from .plan import Attachment, bridge_sysctls, container_sysctls, random_mac
 from .sysctl import write_sysctls_sync
@@ -162,17 +172,37 @@ def unquiet_sync(indexes: list[int]) -> None:
 def prepare_container_sync(atts: list[Attachment]) -> dict[str, int]:
     """Runs inside the container namespace (worker thread): sysctls, lo and the new interfaces up, and
     their ifindexes — plain syscalls that would otherwise cost three netlink round trips per container.
+
+    The IPv4 interface sysctls go over netlink (:func:`inet_conf_message`): a first /proc/sys/net/ipv4
+    lookup in a new namespace costs O(namespaces alive), ~0.1 ms with 1000 containers (the IPv6 one has
+    no netlink setter). With /proc/sys read-only they go through /proc like the rest, so that a value
+    that differs fails as in netavark (write-if-different, ``Sysctl error``).
     """
-    write_sysctls_sync([w for att in atts for w in container_sysctls(att)])
     indexes: dict[str, int] = {}
+    for att in atts:
+        index = ifindex(att.ifname)
+        if index is None:
+            raise NetlinkOpError(f"get container interface {att.ifname}: "
+                                 f"{netlink_error_text(errno.ENODEV)}", code=errno.ENODEV)
+        indexes[att.ifname] = index
+    writes = [w for att in atts for w in container_sysctls(att)]
+    inet: dict[str, dict[str, int]] = {}
+    if not os.statvfs("/proc/sys/net").f_flag & os.ST_RDONLY:
+        proc = []
+        for key, value, tolerant in writes:
+            ifname, _, leaf = key.removeprefix("net/ipv4/conf/").partition("/")
+            if key.startswith("net/ipv4/conf/") and ifname in indexes and leaf in IPV4_DEVCONF:
+                inet.setdefault(ifname, {})[leaf] = int(value)
+            else:
+                proc.append((key, value, tolerant))
+        writes = proc
+    write_sysctls_sync(writes)
+    if inet:
+        requests_sync([(inet_conf_message(indexes[name], conf), f"Sysctl error: set net.ipv4.conf.{name}")
+                       for name, conf in inet.items()])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         _set_up(sock, "lo")
         for att in atts:
-            index = ifindex(att.ifname)
-            if index is None:
-                raise NetlinkOpError(f"get container interface {att.ifname}: "
-                                     f"{netlink_error_text(errno.ENODEV)}", code=errno.ENODEV)
-            indexes[att.ifname] = index
             _set_up(sock, att.ifname)
     return indexes
 

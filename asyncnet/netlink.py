@@ -269,6 +269,9 @@ _NLM_F_CREATE = 0x400
 _IFA_ADDRESS, _IFA_LOCAL = 1, 2
 _RTA_DST, _RTA_OIF, _RTA_GATEWAY, _RTA_PRIORITY = 1, 4, 5, 6
 _RTM_SETLINK, _IFLA_PROTINFO, _NLA_F_NESTED = 19, 12, 0x8000
+_IFLA_AF_SPEC, _IFLA_INET_CONF = 26, 1
+#: net.ipv4.conf.IFACE.* leaves settable over netlink (linux/ip.h IPV4_DEVCONF_*): the ones netavark writes
+IPV4_DEVCONF = {"rp_filter": 8, "arp_notify": 22}
 _IFLA_BRPORT_MODE, _IFLA_BRPORT_MCAST_FLOOD = 4, 27
 _RT_TABLE_MAIN, _RTPROT_STATIC, _RT_SCOPE_UNIVERSE, _RTN_UNICAST = 254, 4, 0, 1
 
@@ -307,6 +310,17 @@ def brport_message(index: int, *, hairpin: bool = False, mcast_flood: bool | Non
     if mcast_flood is not None:
         attrs += _attr(_IFLA_BRPORT_MCAST_FLOOD, b"\1" if mcast_flood else b"\0")
     body = struct.pack("=BxHiII", socket.AF_BRIDGE, 0, index, 0, 0) + _attr(_IFLA_PROTINFO | _NLA_F_NESTED, attrs)
+    return _RTM_SETLINK, 0, body
+
+
+def inet_conf_message(index: int, conf: dict[str, int]) -> tuple[int, int, bytes]:
+    """RTM_SETLINK with IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF: per-interface IPv4 sysctls (keys of
+    :data:`IPV4_DEVCONF`) as the kernel stores a /proc/sys write (value and "explicitly set" mark), but
+    without the path walk: /proc/sys/net/ipv4 of every namespace hangs in one dcache hash chain, and the
+    first lookup in a new namespace walks it three times under a global spinlock (sysctl.py)."""
+    entries = b"".join(_attr(IPV4_DEVCONF[key], struct.pack("=I", value)) for key, value in conf.items())
+    inet = _attr(socket.AF_INET | _NLA_F_NESTED, _attr(_IFLA_INET_CONF | _NLA_F_NESTED, entries))
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, 0) + _attr(_IFLA_AF_SPEC | _NLA_F_NESTED, inet)
     return _RTM_SETLINK, 0, body
 
 
