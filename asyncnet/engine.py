@@ -186,8 +186,10 @@ class Engine:
                 for w in works:
                     if not w.result.ok:
                         progress(w.result)
-            await self._setup_kernel(live, bridges, progress)
+            quiet = await self._setup_kernel(live, bridges, progress)
             await self._commit_shared([w for w in live if w.result.ok], shared)
+            if quiet:  # the last step: the firewall commit ran without the batch's multicast chatter
+                await self._unquiet([w for w in live if w.result.ok])
         except BaseException as exc:
             # a shared step failed or we were cancelled: nothing of this batch may stay half-made
             with anyio.CancelScope(shield=True):
@@ -324,16 +326,17 @@ class Engine:
         await anyio.to_thread.run_sync(finish)
 
     async def _setup_kernel(self, live: list[_Work], bridges: dict[str, BridgeHandle],
-                            progress: Progress | None) -> None:
+                            progress: Progress | None) -> bool:
+        """Bridges, veths, container sides. True when the batch's ports were made quiet (see below)."""
         networks = {a.bridge: a.network for w in live for a in w.attachments}
         if not networks:
-            return
+            return False
         # shared: no teardown may delete one of these bridges between our check and our veths landing on it
         async with self.locks.hold(networks, exclusive=False):
-            await self._setup_kernel_locked(live, networks, bridges, progress)
+            return await self._setup_kernel_locked(live, networks, bridges, progress)
 
     async def _setup_kernel_locked(self, live: list[_Work], networks: dict[str, Network],
-                                   bridges: dict[str, BridgeHandle], progress: Progress | None) -> None:
+                                   bridges: dict[str, BridgeHandle], progress: Progress | None) -> bool:
         await run_in_netns(self._host_fd, lambda: write_sysctls_sync(host_sysctls(list(networks.values()))))
         failed: dict[str, AsyncnetError] = {}
 
@@ -347,10 +350,11 @@ class Engine:
             for net in networks.values():
                 tg.start_soon(make_bridge, net)
         limiter = anyio.Semaphore(self.concurrency)
-        # A batch's new ports flood no multicast to each other until the batch is made (bridge.py,
-        # attach_ports_sync); one container has nobody to spare the chatter. Progress still reports each
-        # container when its own kernel work is done: like its port rules, the end of the quiet time is a
-        # batch step.
+        # A batch's new ports flood no multicast to each other until the batch is made, firewall commit
+        # included (bridge.py, attach_ports_sync): 1000 new interfaces' IPv6 chatter flooded to 250 ports
+        # per bridge made each container and the commit after them cost more as the batch grew. One
+        # container has nobody to spare the chatter. Progress still reports each container when its own
+        # kernel work is done: like its port rules, the end of the quiet time is a batch step.
         quiet = len(live) > 1
 
         async def one(w: _Work) -> None:
@@ -366,12 +370,11 @@ class Engine:
         async with anyio.create_task_group() as tg:
             for w in live:
                 tg.start_soon(one, w)
-        if quiet:
-            await self._unquiet([w for w in live if w.result.ok])
         v6_host = [(f"net/ipv6/conf/{a.host_veth}/accept_dad", "0", False)
                    for w in live if w.result.ok for a in w.attachments if a.ipv6]
         if v6_host:
             await run_in_netns(self._host_fd, lambda: write_sysctls_sync(v6_host))
+        return quiet
 
     async def _setup_container(self, w: _Work, bridges: dict[str, BridgeHandle], *, quiet: bool) -> None:
         assert w.fd is not None
@@ -394,22 +397,12 @@ class Engine:
                 await self._delete_veths(w)
 
     async def _unquiet(self, done: list[_Work]) -> None:
-        """Multicast flooding back on for the batch's ports, in one host-namespace visit; a container
-        whose ports refuse it fails and is rolled back (its ports must not stay different from netavark's)."""
-        def unquiet_all() -> dict[int, AsyncnetError]:
-            errors: dict[int, AsyncnetError] = {}
-            for k, w in enumerate(done):
-                try:
-                    unquiet_sync(list(w.host_indexes.values()))
-                except AsyncnetError as exc:
-                    errors[k] = exc
-            return errors
-
-        errors = await run_in_netns(self._host_fd, unquiet_all)
-        for k, exc in errors.items():
-            done[k].result.error = exc
-            with anyio.CancelScope(shield=True):
-                await self._delete_veths(done[k])
+        """Multicast flooding back on for the batch's ports, in one host-namespace visit. It runs after
+        the shared commits, so a port that refuses (its veth deleted behind our back) fails the batch as
+        a whole, like a failed commit: the caller rolls everything back (no port may stay different from
+        netavark's, and its container's rules are committed already)."""
+        indexes = [i for w in done for i in w.host_indexes.values()]
+        await run_in_netns(self._host_fd, lambda: unquiet_sync(indexes))
 
     async def _delete_veths(self, w: _Work) -> None:
         """Rollback of one container: the host end takes the peer with it. ENODEV = never made."""

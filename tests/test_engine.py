@@ -403,6 +403,28 @@ async def test_batch_ports_quiet_until_made(sandbox: Sandbox) -> None:
     assert_nothing_left(sandbox, [c.netns.path or "" for c in [*batch, single]])
 
 
+async def test_ports_refusing_to_unquiet_roll_the_batch_back(sandbox: Sandbox, monkeypatch) -> None:
+    """Turning flooding back on is the batch's last step, after the firewall commit: if the kernel
+    refuses it (a veth deleted behind our back), the whole batch goes, rules and links, like a failed
+    commit. The refusal is injected: the kernel gives no way to make that one request fail on cue."""
+    import asyncnet.engine as engine_mod
+    from asyncnet.errors import NetlinkOpError
+
+    def refuse(indexes: list[int]) -> None:
+        raise NetlinkOpError("set bridge port flags: Netlink error: No such device (os error 19)", code=19)
+
+    monkeypatch.setattr(engine_mod, "unquiet_sync", refuse)
+    mapped = {"port_mappings": [{"host_ip": "", "container_port": 80, "host_port": 18080, "range": 1,
+                                 "protocol": "tcp"}]}
+    batch = [container(sandbox.netns(f"c{i}"), i, [NET_A], **mapped) for i in range(3)]
+    async with engine(sandbox) as e:
+        results = await e.setup(batch)
+        assert set(errors(results).values()) == {"set bridge port flags: Netlink error: No such device (os error 19)"}
+    rules = ruleset(sandbox)  # the table and its fixed chains stay (as in netavark); nothing of the batch
+    assert "18080" not in rules and "nv_" not in rules and "masquerade" in rules
+    assert_nothing_left(sandbox, [c.netns.path or "" for c in batch])
+
+
 @pytest.mark.parametrize("engines", ["shared", "one each"])
 async def test_same_new_bridge_concurrent_calls(sandbox: Sandbox, engines: str) -> None:
     """20 single-container ``setup`` calls racing for one new bridge in one process (on one Engine, or
