@@ -29,10 +29,10 @@ from .bridge import (
 )
 from .bridgelock import BridgeLocks
 from .dns import Aardvark, DnsEntry, DnsNetwork
-from .errors import AsyncnetError, ConfigError, IpamError, NetlinkOpError, combine
+from .errors import AsyncnetError, ConfigError, IpamError, NetlinkOpError, combine, netlink_error_text
 from .firewall.nftables import firewall_driver
 from .firewall.ruleset import NetworkFw, PortFw
-from .netlink import Netlink
+from .netlink import Netlink, set_group_sync
 from .netns import Netns, run_in_netns, run_in_netns_sync
 from .plan import (
     MAX_BRIDGE_PORTS,
@@ -683,23 +683,12 @@ class Engine:
         one RCU grace period for the batch instead of ~20 ms per veth."""
         if not names:
             return
-        tagged = 0
-        limiter = anyio.Semaphore(self.concurrency)
-
-        async def tag(name: str) -> None:
-            nonlocal tagged
-            async with limiter:
-                try:
-                    await self.host.set_group(name, group, (contexts or {}).get(name, f"delete veth {name}"))
-                    tagged += 1
-                except NetlinkOpError as exc:
-                    if errors is not None:
-                        errors[name] = exc
-
-        async with anyio.create_task_group() as tg:
-            for name in names:
-                tg.start_soon(tag, name)
-        if tagged:
+        refused = await run_in_netns(self._host_fd, lambda: set_group_sync(names, group))
+        if errors is not None:
+            for name, code in refused.items():
+                context = (contexts or {}).get(name, f"delete veth {name}")
+                errors[name] = NetlinkOpError(f"{context}: {netlink_error_text(code)}", code=code)
+        if len(refused) < len(names):
             await self.host.delete_group(group)
 
 

@@ -12,6 +12,7 @@ import errno
 import ipaddress
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -160,9 +161,6 @@ class Netlink:
         await self.call(context, self._in_thread, _RTM_DELLINK, _NLM_F_REQUEST | _NLM_F_ACK,
                         [_attr(_IFLA_IFNAME, name.encode() + b"\0")])
 
-    async def set_group(self, name: str, group: int, context: str) -> None:
-        await self.call(context, self.ipr.link, "set", ifname=name, group=group)
-
     async def delete_group(self, group: int) -> None:
         """One RTM_DELLINK for a whole link group: one RCU wait instead of one per veth."""
         await self.call("delete veth group", self._in_thread, _RTM_DELLINK, _NLM_F_REQUEST | _NLM_F_ACK,
@@ -244,6 +242,51 @@ def link_request_sync(msg_type: int, flags: int, attrs: list[bytes]) -> list[str
                 if kind == _RTM_NEWLINK:
                     names.append(_ifname(data, off + _NLMSG_HDR + _IFINFO_HDR, off + length))
                 off += (length + 3) & ~3
+
+
+def set_group_sync(names: list[str], group: int, *, chunk: int = 256) -> dict[str, int]:
+    """Move links (by name) into link ``group``; blocking, for a worker thread in their namespace.
+    Returns ``{name: errno}`` for the links the kernel refused (ENODEV: no such link).
+
+    Teardown tags every host end of a batch this way before one group delete. The kernel needs ~50 us
+    per request; sending them one by one through pyroute2 on the event loop cost ~1.4 ms each (1000
+    containers: 1.4 s of a 2 s teardown). Here they go ``chunk`` at a time in one ``send``, each
+    acknowledged; transient refusals (EBUSY and the like) are retried a few times."""
+    failed: dict[str, int] = {}
+    pending = list(names)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE) as sock:
+        for attempt in range(6):
+            retry: list[str] = []
+            for start in range(0, len(pending), chunk):
+                part = pending[start:start + chunk]
+                msgs = []
+                for seq, name in enumerate(part, 1):
+                    body = (struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
+                            + _attr(_IFLA_IFNAME, name.encode() + b"\0") + _attr(_IFLA_GROUP, struct.pack("=I", group)))
+                    msgs.append(struct.pack("=IHHII", _NLMSG_HDR + len(body), _RTM_SETLINK,
+                                            _NLM_F_REQUEST | _NLM_F_ACK, seq, 0) + body)
+                sock.send(b"".join(msgs))
+                answered = 0
+                while answered < len(part):
+                    data = sock.recv(1 << 17)
+                    off = 0
+                    while off + _NLMSG_HDR + 4 <= len(data):
+                        length, kind, _flags, seq = struct.unpack_from("=IHHI", data, off)
+                        if length < _NLMSG_HDR:
+                            break
+                        if kind == _NLMSG_ERROR and 1 <= seq <= len(part):
+                            answered += 1
+                            code = -struct.unpack_from("=i", data, off + _NLMSG_HDR)[0]
+                            if code in TRANSIENT and attempt < 5:
+                                retry.append(part[seq - 1])
+                            elif code:
+                                failed[part[seq - 1]] = code
+                        off += (length + 3) & ~3
+            if not retry:
+                break
+            pending = retry
+            time.sleep(0.002 * 2 ** attempt)
+    return failed
 
 
 def _ifname(data: bytes, off: int, end: int) -> str:
