@@ -536,20 +536,11 @@ class Engine:
             errors[i].append(err)
         # bridges without ports go, and with them the network's firewall rules ("complete teardown")
         networks = {a.bridge: a.network for w in works for a in w.attachments}
-        complete: list[Network] = []
-        for br, net in networks.items():
-            try:
-                async with self.locks.hold([br], exclusive=True):
-                    link = await self.host.get_link(br)
-                    if link is None:
-                        complete.append(net)
-                    elif not await self.host.port_names(link["index"]):
-                        await self.host.delete_link(br, "failed to delete bridge")
-                        complete.append(net)
-            except AsyncnetError as exc:
-                for i, w in enumerate(works):
-                    if any(a.bridge == br for a in w.attachments):
-                        errors[i].append(exc)
+        complete, bridge_errors = await self._delete_empty_bridges(networks)
+        for br, exc in bridge_errors.items():
+            for i, w in enumerate(works):
+                if any(a.bridge == br for a in w.attachments):
+                    errors[i].append(exc)
         ports = [port_fw(w.container.options, a, self.dns_port) for w in works for a in w.attachments
                  if not a.network.internal]
         nets = [network_fw(n) for n in complete if not n.internal]
@@ -676,6 +667,46 @@ class Engine:
         finally:
             os.close(fd)
         return errors
+
+    async def _delete_empty_bridges(self, networks: dict[str, Network]
+                                    ) -> tuple[list[Network], dict[str, AsyncnetError]]:
+        """The bridges of ``networks`` left without ports go, all in one group delete (one RCU grace
+        period instead of ~45 ms per bridge), under their exclusive locks so that no setup can put a
+        port on one meanwhile. Returns the networks whose bridge is gone, and errors by bridge."""
+        complete: list[Network] = []
+        failed: dict[str, AsyncnetError] = {}
+        if not networks:
+            return complete, failed
+        async with self.locks.hold(networks, exclusive=True):
+            empty: list[str] = []
+            for br, net in networks.items():
+                try:
+                    link = await self.host.get_link(br)
+                    if link is None:
+                        complete.append(net)
+                    elif not await self.host.port_names(link["index"]):
+                        empty.append(br)
+                except AsyncnetError as exc:
+                    failed[br] = exc
+            if not empty:
+                return complete, failed
+            group = _fresh_group()
+            refused = await run_in_netns(self._host_fd, lambda: set_group_sync(empty, group))
+            try:
+                if len(refused) < len(empty):
+                    await self.host.delete_group(group)
+            except NetlinkOpError as exc:
+                for br in empty:
+                    failed[br] = NetlinkOpError(f"failed to delete bridge: {netlink_error_text(exc.code)}",
+                                                code=exc.code) if exc.code else exc
+                return complete, failed
+            for br in empty:
+                code = refused.get(br)
+                if code is None or code == errno.ENODEV:  # deleted now, or gone already
+                    complete.append(networks[br])
+                else:
+                    failed[br] = NetlinkOpError(f"failed to delete bridge: {netlink_error_text(code)}", code=code)
+        return complete, failed
 
     async def _group_delete(self, names: list[str], group: int, *, errors: dict[str, AsyncnetError] | None,
                             contexts: dict[str, str] | None = None) -> None:
