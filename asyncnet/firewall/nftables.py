@@ -908,22 +908,23 @@ class NftablesFirewall:
             after = _read_index(backend, with_handle=True)
         chains_now = (after if after is not None else table).chains  # a teardown keeps the chains
         directory = self.config_dir / FIREWALL_DIR / HANDLES_DIR
+        by_network: dict[str, list[tuple[str, list[RuleRef]]]] = {}
+        for (nid, cid), rules in refs.items():
+            by_network.setdefault(nid, []).append((cid, rules))
+        th = after.handle if after is not None else table.handle
         try:
             directory.mkdir(parents=True, exist_ok=True)
             for nid in touched:
                 path = self._handles_path(nid)
-                th = after.handle if after is not None else table.handle
                 current = {} if nid in gone else self._read_handle_file(nid, th)
                 for cid in drop.get(nid, ()):
                     current.pop(cid, None)
-                for (knid, cid), rules in refs.items():
-                    if knid != nid or th is None:
-                        continue
-                    old = current.get(cid) or {}
-                    merged = list(dict.fromkeys([*map(tuple, old.get("rules", ())), *rules]))  # a repeated
-                    # setup duplicates rules (netavark does too): remember them all
-                    current[cid] = {"chains": {c: chains_now.get(c) for c, _h in merged},
-                                    "rules": [list(r) for r in merged]}
+                for cid, rules in by_network.get(nid, ()) if th is not None else ():
+                    old = current.get(cid)
+                    merged = list(dict.fromkeys([*map(tuple, old.get("rules", ())), *rules])) if old else rules
+                    # (a repeated setup duplicates rules, netavark's too: remember them all)
+                    current[cid] = {"chains": {c: chains_now.get(c) for c in dict.fromkeys(c for c, _h in merged)},
+                                    "rules": merged}
                 if not current:
                     path.unlink(missing_ok=True)
                     continue
