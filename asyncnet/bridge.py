@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import socket
 import struct
@@ -123,7 +124,7 @@ async def create_veths(host: Netlink, ctr_fd: int, atts: list[Attachment], bridg
             if exc.code != errno.EEXIST:
                 raise
             created.pop()  # not ours: must not be rolled back
-            if await run_in_netns(ctr_fd, lambda name=att.ifname: ifindex(name)) is not None:
+            if await run_in_netns(ctr_fd, functools.partial(ifindex, att.ifname)) is not None:
                 raise NetlinkOpError(
                     f"create veth pair: interface {att.ifname} already exists on container namespace: "
                     f"{netlink_error_text(errno.EEXIST)}", code=errno.EEXIST) from None

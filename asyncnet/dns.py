@@ -53,7 +53,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -404,7 +404,7 @@ class Aardvark:
         changes = {name: new} if new is not None and new != text else {}
         return self._finish_plan(changes, {name: text}, set(), atomic=True)
 
-    def _finish_plan(self, changes: dict[str, str | None], old: dict[str, str | None],
+    def _finish_plan(self, changes: Mapping[str, str | None], old: Mapping[str, str | None],
                      bind_networks: set[str], *, atomic: bool) -> _Plan:
         after = set(self._network_files_sync())
         for name, text in changes.items():
@@ -412,7 +412,7 @@ class Aardvark:
                 after.discard(name)
             else:
                 after.add(name)
-        return _Plan(changes, {n: old.get(n) for n in changes}, bool(after), bind_networks, atomic)
+        return _Plan(dict(changes), {n: old.get(n) for n in changes}, bool(after), bind_networks, atomic)
 
     def _write_sync(self, changes: dict[str, str | None]) -> None:
         """Atomic per file: write a temp file *outside* the directory aardvark-dns reads (see the module

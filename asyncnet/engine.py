@@ -10,6 +10,7 @@ sees a half-networked container. One container (the netavark CLI) is simply a ba
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import secrets
 from collections.abc import Callable, Sequence
@@ -299,7 +300,7 @@ class Engine:
                 others = [(w.container.options.container_id, a.network.name) for a in w.attachments
                           if a not in mine]
                 if others:
-                    await anyio.to_thread.run_sync(lambda keys=others: state.release(keys))
+                    await anyio.to_thread.run_sync(functools.partial(state.release, others))
                 w.owns_state = False  # the addresses belong to the existing attachment
             else:
                 w.owns_state = True
@@ -537,10 +538,10 @@ class Engine:
         # bridges without ports go, and with them the network's firewall rules ("complete teardown")
         networks = {a.bridge: a.network for w in works for a in w.attachments}
         complete, bridge_errors = await self._delete_empty_bridges(networks)
-        for br, exc in bridge_errors.items():
+        for br, err in bridge_errors.items():
             for i, w in enumerate(works):
                 if any(a.bridge == br for a in w.attachments):
-                    errors[i].append(exc)
+                    errors[i].append(err)
         ports = [port_fw(w.container.options, a, self.dns_port) for w in works for a in w.attachments
                  if not a.network.internal]
         nets = [network_fw(n) for n in complete if not n.internal]

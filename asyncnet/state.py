@@ -380,7 +380,7 @@ class State:
         """
         owner, now = current_owner(), time.time()
         with self._write() as db:
-            taken: dict[tuple[str, int], dict[int, Holder]] = {}  # (network id, IP version)
+            taken: dict[tuple[str, int], dict[IPAddress | int, Holder]] = {}  # (network id, IP version)
             pools: dict[tuple[str, str], SubnetPool] = {}
 
             def pool_for(net: Network, sub: Subnet) -> SubnetPool:

@@ -147,7 +147,7 @@ async def _run(args: argparse.Namespace, spec: BatchSpec) -> dict[str, Any]:
     containers = spec.containers
     if args.command == "up" and args.create_netns:
         for c in containers:
-            if _is_named(c):
+            if _is_named(c) and c.netns.path is not None:
                 await anyio.to_thread.run_sync(create_named_netns, os.path.basename(c.netns.path))
     async with Engine(config_dir=args.config, firewall=args.firewall_driver, concurrency=args.concurrency,
                       host_netns=args.host_netns) as engine:
@@ -162,7 +162,7 @@ async def _run(args: argparse.Namespace, spec: BatchSpec) -> dict[str, Any]:
                     report[r.container_id] = _down_entry(r)
     if args.command == "down" and args.create_netns:
         for c in containers:
-            if _is_named(c):
+            if _is_named(c) and c.netns.path is not None:
                 await anyio.to_thread.run_sync(delete_netns_at, c.netns.path)
     return report
 

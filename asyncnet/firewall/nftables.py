@@ -773,7 +773,8 @@ class NftablesFirewall:
             journal = _StateJournal()
             try:
                 if reload:
-                    setup_networks, setup_ports = read_state(self.config_dir)
+                    networks, ports = read_state(self.config_dir)
+                    setup_networks, setup_ports = tuple(networks), tuple(ports)
                     if not (setup_networks or setup_ports):
                         return
                 elif not self.rootless:
@@ -888,9 +889,9 @@ class NftablesFirewall:
         """
         refs: dict[PortKey, list[RuleRef]] = {k: list(v) for k, v in (*located.items(), *plan.kept.items())}
         if handles is not None:
-            rules = handles.rules
+            added = handles.rules
             for start, count, key in plan.owner_ranges():
-                refs.setdefault(key, []).extend([rules[i] for i in range(start, start + count)])
+                refs.setdefault(key, []).extend([added[i] for i in range(start, start + count)])
         drop: dict[str, set[str]] = {}
         for pf in plan_args.get("teardown_ports", ()):
             drop.setdefault(pf.network.network_id, set()).add(pf.container_id)

@@ -24,7 +24,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -284,7 +284,7 @@ def port_rules(pf: PortFw, cip: ipaddress.IPv4Interface | ipaddress.IPv6Interfac
     return out
 
 
-def mapping_host(m: PortMapping, v6: bool) -> IPAddress | None | bool:
+def mapping_host(m: PortMapping, v6: bool) -> IPAddress | None | Literal[False]:
     """§5.2's host_ip handling for one family: the daddr to match, None for no daddr match, or
     False when the mapping has no rules in this family."""
     if m.host_ip == "0.0.0.0" and v6 or m.host_ip == "::" and not v6:

@@ -18,7 +18,7 @@ import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -237,7 +237,7 @@ class _Encoder:
         self.table_attr = _str(1, TABLE)
         self.deleted_chains: set[str] = set()
         self.attr_memo: dict[tuple[int, str], bytes] = {}
-        self.pre: list[bytes] = []  # messages a statement needs before its rule (anonymous sets)
+        self.pre: list[tuple[int, list[bytes]]] = []  # messages a statement needs before its rule (sets)
 
     # -- messages -----------------------------------------------------------------------------------
 
@@ -641,14 +641,15 @@ def encode(items: Sequence[dict[str, Any] | PortBlock], *,
         if type(item) is PortBlock:
             i = block(i, item)
             continue
+        cmd = cast(dict[str, Any], item)
         # the hot path (thousands of rule adds per batch) checks just enough to know it is one
-        obj = item.get("add")  # type: ignore[union-attr]
-        if obj is not None and len(item) == 1 and type(obj) is dict and len(obj) == 1:
+        obj = cmd.get("add")
+        if obj is not None and len(cmd) == 1 and type(obj) is dict and len(obj) == 1:
             body = obj.get("rule")
             if type(body) is dict and body.keys() == _RULE_KEYS and body["family"] == "inet":
                 rule(i, True, body)
                 i += 1
                 continue
-        command(i, item, existing_chains)  # type: ignore[arg-type]
+        command(i, cmd, existing_chains)
         i += 1
     return enc.batch
