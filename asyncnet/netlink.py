@@ -218,11 +218,16 @@ def _attr(kind: int, payload: bytes) -> bytes:
     return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
 
 
+def _ifinfomsg(index: int = 0, family: int = socket.AF_UNSPEC) -> bytes:
+    """The ifinfomsg a link request starts with (index 0: the kernel finds the link by IFLA_IFNAME)."""
+    return struct.pack("=BxHiII", family, 0, index, 0, 0)
+
+
 def link_request_sync(msg_type: int, flags: int, attrs: list[bytes]) -> list[str]:
     """One rtnetlink link request (ifinfomsg + ``attrs``) on a fresh socket in the calling thread's
     namespace; blocking, for worker threads. Returns the names of the links a dump answered with (only
     IFLA_IFNAME is read); raises ``NetlinkError`` for an error answer."""
-    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0) + b"".join(attrs)
+    body = _ifinfomsg() + b"".join(attrs)
     request = struct.pack("=IHHII", _NLMSG_HDR + len(body), msg_type, flags, 1, 0) + body
     names: list[str] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE) as sock:
@@ -261,8 +266,8 @@ def set_group_sync(names: list[str], group: int, *, chunk: int = 256) -> dict[st
                 part = pending[start:start + chunk]
                 msgs = []
                 for seq, name in enumerate(part, 1):
-                    body = (struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
-                            + _attr(_IFLA_IFNAME, name.encode() + b"\0") + _attr(_IFLA_GROUP, struct.pack("=I", group)))
+                    body = (_ifinfomsg() + _attr(_IFLA_IFNAME, name.encode() + b"\0")
+                            + _attr(_IFLA_GROUP, struct.pack("=I", group)))
                     msgs.append(struct.pack("=IHHII", _NLMSG_HDR + len(body), _RTM_SETLINK,
                                             _NLM_F_REQUEST | _NLM_F_ACK, seq, 0) + body)
                 sock.send(b"".join(msgs))
@@ -352,7 +357,7 @@ def brport_message(index: int, *, hairpin: bool = False, mcast_flood: bool | Non
         attrs += _attr(_IFLA_BRPORT_MODE, b"\1")
     if mcast_flood is not None:
         attrs += _attr(_IFLA_BRPORT_MCAST_FLOOD, b"\1" if mcast_flood else b"\0")
-    body = struct.pack("=BxHiII", socket.AF_BRIDGE, 0, index, 0, 0) + _attr(_IFLA_PROTINFO | _NLA_F_NESTED, attrs)
+    body = _ifinfomsg(index, socket.AF_BRIDGE) + _attr(_IFLA_PROTINFO | _NLA_F_NESTED, attrs)
     return _RTM_SETLINK, 0, body
 
 
@@ -363,7 +368,7 @@ def inet_conf_message(index: int, conf: dict[str, int]) -> tuple[int, int, bytes
     first lookup in a new namespace walks it three times under a global spinlock (sysctl.py)."""
     entries = b"".join(_attr(IPV4_DEVCONF[key], struct.pack("=I", value)) for key, value in conf.items())
     inet = _attr(socket.AF_INET | _NLA_F_NESTED, _attr(_IFLA_INET_CONF | _NLA_F_NESTED, entries))
-    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, 0) + _attr(_IFLA_AF_SPEC | _NLA_F_NESTED, inet)
+    body = _ifinfomsg(index) + _attr(_IFLA_AF_SPEC | _NLA_F_NESTED, inet)
     return _RTM_SETLINK, 0, body
 
 

@@ -773,7 +773,7 @@ class Plan:
 
     @property
     def has_owners(self) -> bool:
-        return bool(self.item_owners) or any(isinstance(item, PortBlock) and item.chains for item in self.items)
+        return next(self.owner_ranges(), None) is not None
 
     def __len__(self) -> int:
         """The number of commands (without spelling blocks out)."""

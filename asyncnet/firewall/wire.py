@@ -14,6 +14,7 @@ libnftables instead. Pure: no I/O.
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 from collections.abc import Sequence
@@ -296,12 +297,7 @@ class _Encoder:
                 self._message(i, msg_type, NLM_F_REQUEST | NLM_F_CREATE, table, *attrs,
                               allocates=msg_type == NFT_MSG_NEWSET)
             self.pre.clear()
-        seq = self.seq
-        self.seq = seq + 1
-        batch.messages.append(b"".join((
-            _hdr(24 + len(table) + len(chain) + len(exprs), _NEWRULE_TYPE,
-                 _RULE_APPEND_FLAGS if append else _RULE_INSERT_FLAGS, seq, 0),
-            b"\x01\0\0\0", table, chain, _attr_hdr(4 + len(exprs), 4 | NLA_F_NESTED), exprs)))
+        self._newrule(table, chain, exprs, _RULE_APPEND_FLAGS if append else _RULE_INSERT_FLAGS)
         batch.command_of.append(i)
         batch.kinds.append(RULE)
         batch.rule_chains.append(body["chain"])
@@ -328,14 +324,13 @@ class _Encoder:
 
     # -- a container's port rules -----------------------------------------------------------------
 
-    def _emit_rule(self, i: int, chain_attr: bytes, chain: str, exprs: bytes) -> None:
-        """One rule of a port block (the block does the batch's per-message bookkeeping at once)."""
+    def _newrule(self, table: bytes, chain: bytes, exprs: bytes, flags: int = _RULE_APPEND_FLAGS) -> None:
+        """One NEWRULE message (its callers do the batch's per-message bookkeeping)."""
         seq = self.seq
         self.seq = seq + 1
         self.batch.messages.append(b"".join((
-            _hdr(24 + len(self.table_attr) + len(chain_attr) + len(exprs), _NEWRULE_TYPE, _RULE_APPEND_FLAGS,
-                 seq, 0),
-            b"\x01\0\0\0", self.table_attr, chain_attr, _attr_hdr(4 + len(exprs), 4 | NLA_F_NESTED), exprs)))
+            _hdr(24 + len(table) + len(chain) + len(exprs), _NEWRULE_TYPE, flags, seq, 0),
+            b"\x01\0\0\0", table, chain, _attr_hdr(4 + len(exprs), 4 | NLA_F_NESTED), exprs)))
 
     def _memo(self, key: Any, make: Any) -> Any:
         out = self.block_memo.get(key)
@@ -364,6 +359,7 @@ class _Encoder:
         saddr_localhost = _DEP_NFPROTO["ip"] + memo(("saddr", "127.0.0.1"), lambda: self._payload_match(
             {"protocol": "ip", "field": "saddr"}, "127.0.0.1", "==")[2])
         first = i
+        emit = functools.partial(self._newrule, self.table_attr)
         template = _DNAT[fam]
         dnat_head = template[0] + cip.ip.packed + template[1]
         dnat_tail = template[2]
@@ -381,32 +377,23 @@ class _Encoder:
                 dport = l4 + self._payload_match({"protocol": proto, "field": "dport"},
                                                  {"range": [m.host_port, m.host_port + m.range - 1]}, "==")[2]
             else:
-                dport = l4 + _DPORT_CMP[0] + _uint(m.host_port, 16).to_bytes(2, "big") + b"\0\0"
-            if host is None:
-                self._emit_rule(i, dnat_attr, DNAT_CHAIN, dport + jump_mine)
-                self._emit_rule(i + 1, mine_attr, mine, saddr_subnet + dport + jump_setmark)
-                i += 2
-                if not v6:
-                    self._emit_rule(i, mine_attr, mine, saddr_localhost + dport + jump_setmark)
-                    i += 1
-            else:
-                self._emit_rule(i, dnat_attr, DNAT_CHAIN, dep_fam + daddr + dport + jump_mine)
-                self._emit_rule(i + 1, mine_attr, mine, saddr_subnet + daddr + dport + jump_setmark)
-                i += 2
-                if not v6:
-                    self._emit_rule(i, mine_attr, mine, saddr_localhost + daddr + dport + jump_setmark)
-                    i += 1
-                daddr = dep_fam + daddr
+                dport = l4 + _dport_eq(m.host_port)
+            lead = dep_fam + daddr if daddr else b""  # the daddr match where no saddr match brought the dependency
+            emit(dnat_attr, lead + dport + jump_mine)
+            emit(mine_attr, saddr_subnet + daddr + dport + jump_setmark)
+            i += 2
+            if not v6:
+                emit(mine_attr, saddr_localhost + daddr + dport + jump_setmark)
+                i += 1
             if m.count == 1:
-                port_match = dport if m.range <= 1 else l4 + _DPORT_CMP[0] + m.host_port.to_bytes(2, "big") + b"\0\0"
-                self._emit_rule(i, mine_attr, mine, daddr + port_match + dnat_head
-                                + _uint(m.container_port, 16).to_bytes(2, "big") + dnat_tail)
+                port_match = dport if m.range <= 1 else l4 + _dport_eq(m.host_port)
+                emit(mine_attr, lead + port_match + dnat_head + _uint(m.container_port, 16).to_bytes(2, "big")
+                     + dnat_tail)
                 i += 1
                 continue
             for k in range(m.count):
-                self._emit_rule(i, mine_attr, mine, daddr + l4 + _DPORT_CMP[0]
-                                + _uint(m.host_port + k, 16).to_bytes(2, "big") + b"\0\0" + dnat_head
-                                + _uint(m.container_port + k, 16).to_bytes(2, "big") + dnat_tail)
+                emit(mine_attr, lead + l4 + _dport_eq(m.host_port + k) + dnat_head
+                     + _uint(m.container_port + k, 16).to_bytes(2, "big") + dnat_tail)
                 i += 1
         if i - first != len(block.chains):
             raise AssertionError("port block: rule count differs from PortBlock.chains")
@@ -595,6 +582,11 @@ _DNAT = {fam: _dnat_template(fam) for fam in _NFPROTO}
 # ``… dport == N`` without its dependency: the payload load and a cmp whose 2-byte value (padded to 4)
 # ends the encoding
 _DPORT_CMP = {op: (_payload(TRANSPORT_HEADER, 2, 2) + _cmp(op, b"\0\0"))[:-4] for op in _CMP.values()}
+
+
+def _dport_eq(port: int) -> bytes:
+    """``… dport == port`` without its dependency, from the template."""
+    return _DPORT_CMP[0] + _uint(port, 16).to_bytes(2, "big") + b"\0\0"
 
 
 def _dnat(body: dict[str, Any]) -> bytes:
