@@ -31,7 +31,7 @@ from .bridge import (
 from .bridgelock import BridgeLocks
 from .dns import Aardvark, DnsEntry, DnsNetwork
 from .errors import AsyncnetError, ConfigError, IpamError, NetlinkOpError, combine, netlink_error_text
-from .firewall.nftables import firewall_driver
+from .firewall.nftables import Prepared, firewall_driver
 from .firewall.ruleset import NetworkFw, PortFw
 from .netlink import Netlink, set_group_sync
 from .netns import Netns, run_in_netns, run_in_netns_sync
@@ -100,6 +100,7 @@ class _Work:
     host_indexes: dict[str, int] = field(default_factory=dict)  # host veth name -> ifindex, once made
     fd: int | None = None
     owns_state: bool = False  # allocations or journal rows of this batch that a failure must release
+    ports: list[PortFw] | None = None  # its port rules' input, once its kernel work is done
 
 
 @dataclass
@@ -110,6 +111,7 @@ class _Shared:
     ports: list[PortFw] = field(default_factory=list)
     firewall_committed: bool = False
     dns: list[tuple[str, str]] = field(default_factory=list)
+    prepared: Prepared | None = None  # the firewall's share of the commit, done container by container
 
 
 class Engine:
@@ -179,7 +181,7 @@ class Engine:
             except AsyncnetError as exc:
                 w.result.error = exc
         bridges: dict[str, BridgeHandle] = {}
-        shared = _Shared()
+        shared = _Shared(prepared=self.firewall.preparer())
         try:
             live = await self._plan([w for w in live if w.result.ok])
             live = await self._journal_intents(live)
@@ -187,7 +189,7 @@ class Engine:
                 for w in works:
                     if not w.result.ok:
                         progress(w.result)
-            quiet = await self._setup_kernel(live, bridges, progress)
+            quiet = await self._setup_kernel(live, bridges, shared, progress)
             await self._commit_shared([w for w in live if w.result.ok], shared)
             if quiet:  # the last step: the firewall commit ran without the batch's multicast chatter
                 await self._unquiet([w for w in live if w.result.ok])
@@ -326,7 +328,7 @@ class Engine:
 
         await anyio.to_thread.run_sync(finish)
 
-    async def _setup_kernel(self, live: list[_Work], bridges: dict[str, BridgeHandle],
+    async def _setup_kernel(self, live: list[_Work], bridges: dict[str, BridgeHandle], shared: _Shared,
                             progress: Progress | None) -> bool:
         """Bridges, veths, container sides. True when the batch's ports were made quiet (see below)."""
         networks = {a.bridge: a.network for w in live for a in w.attachments}
@@ -334,10 +336,11 @@ class Engine:
             return False
         # shared: no teardown may delete one of these bridges between our check and our veths landing on it
         async with self.locks.hold(networks, exclusive=False):
-            return await self._setup_kernel_locked(live, networks, bridges, progress)
+            return await self._setup_kernel_locked(live, networks, bridges, shared, progress)
 
     async def _setup_kernel_locked(self, live: list[_Work], networks: dict[str, Network],
-                                   bridges: dict[str, BridgeHandle], progress: Progress | None) -> bool:
+                                   bridges: dict[str, BridgeHandle], shared: _Shared,
+                                   progress: Progress | None) -> bool:
         await run_in_netns(self._host_fd, lambda: write_sysctls_sync(host_sysctls(list(networks.values()))))
         failed: dict[str, AsyncnetError] = {}
 
@@ -365,6 +368,8 @@ class Engine:
                     w.result.error = err
                 else:
                     await self._setup_container(w, bridges, quiet=quiet)
+                    if w.result.ok:
+                        self._ports_ready(w, shared.prepared)
             if progress is not None:
                 progress(w.result)
 
@@ -396,6 +401,15 @@ class Engine:
             w.result.error = exc
             with anyio.CancelScope(shield=True):
                 await self._delete_veths(w)
+
+    def _ports_ready(self, w: _Work, prepared: Prepared | None) -> None:
+        """The container's firewall input, and its share of the commit's work done now, between other
+        containers' kernel requests, instead of in the batch's serial tail (firewall.nftables.Prepared)."""
+        opts = w.container.options
+        w.ports = [port_fw(opts, a, self.dns_port) for a in w.attachments if not a.network.internal]
+        if prepared is not None:
+            for pf in w.ports:
+                prepared.add(pf)
 
     async def _unquiet(self, done: list[_Work]) -> None:
         """Multicast flooding back on for the batch's ports, in one host-namespace visit. It runs after
@@ -448,12 +462,15 @@ class Engine:
                 if a.network.internal:
                     continue
                 nets.setdefault(a.network.id, network_fw(a.network))
-                shared.ports.append(port_fw(opts, a, self.dns_port))
                 if opts.port_mappings is not None:
                     localnet.add(a.bridge)
+            if w.ports is None:
+                self._ports_ready(w, None)
+            shared.ports.extend(w.ports or ())
         if nets:
             shared.networks = list(nets.values())
-            await self.firewall.commit(setup_networks=shared.networks, setup_ports=shared.ports)
+            await self.firewall.commit(setup_networks=shared.networks, setup_ports=shared.ports,
+                                       prepared=shared.prepared)
             shared.firewall_committed = True
         if localnet and self.firewall.driver_name != "none":
             writes = [(f"net/ipv4/conf/{br}/route_localnet", "1", False) for br in sorted(localnet)]

@@ -52,10 +52,13 @@ def engine(sb: Sandbox, config_dir: Path | None = None, **kw: Any) -> Engine:
     return Engine(config_dir=config_dir or sb.config_dir, host_netns=sb.host, **kw)
 
 
-def container(ns: str, n: int, nets: Sequence[dict[str, Any]], **per: Any) -> Container:
-    """Container ``n`` on ``nets`` (eth0, eth1, … in order), addresses from IPAM unless ``per`` says."""
+def container(ns: str, n: int, nets: Sequence[dict[str, Any]], *,
+              port_mappings: list[dict[str, Any]] | None = None, **per: Any) -> Container:
+    """Container ``n`` on ``nets`` (eth0, eth1, … in order), addresses from IPAM unless ``per`` (the
+    per-network options) says."""
     atts = [(net, {"interface_name": f"eth{i}", **per}) for i, net in enumerate(nets)]
-    return Container.of(ns, parse_network_options(options(n, atts)))
+    extra = {} if port_mappings is None else {"port_mappings": port_mappings}
+    return Container.of(ns, parse_network_options(options(n, atts, **extra)))
 
 
 def two_network_batch(sb: Sandbox, n: int, first: int = 0) -> list[Container]:
@@ -401,6 +404,33 @@ async def test_batch_ports_quiet_until_made(sandbox: Sandbox) -> None:
         assert during == {host_veth_name(single.options.container_id, ID_B): (False, True)}
         assert errors(await e.teardown([*batch, single])) == {}
     assert_nothing_left(sandbox, [c.netns.path or "" for c in [*batch, single]])
+
+
+async def test_port_rules_prepared_before_the_commit(sandbox: Sandbox) -> None:
+    """Each container's port rules are encoded (and its port file rendered) when its kernel work is
+    done, so the batch's commit takes them ready-made: every block of the batch, none encoded late;
+    the rules and files are the container's own."""
+    import orjson
+
+    mapped = [{"host_ip": "", "container_port": 80, "host_port": 18080 + i, "range": 1, "protocol": "tcp"}
+              for i in range(6)]
+    batch = [container(sandbox.netns(f"c{i}"), i, [NET_A, NET_B] if i % 2 else [NET_A],
+                       port_mappings=[mapped[i]]) for i in range(6)]
+    async with engine(sandbox) as e:
+        results = await e.setup(batch)
+        assert errors(results) == {}
+        assert e.firewall.last_stats.prepared_blocks == 6 * 2 + 3  # NET_A: a block per family; NET_B: v4
+        rules = ruleset(sandbox)
+        files = sandbox.config_dir / "firewall" / "ports"
+        for i, (c, r) in enumerate(zip(batch, results, strict=True)):
+            for net_name in r.status or {}:
+                v4 = address(r, net_name)
+                assert f"dnat ip to {v4}:80" in rules, (i, net_name)
+                nid = ID_A if net_name == "neta" else ID_B
+                got = orjson.loads((files / f"{nid}_{c.options.container_id}").read_bytes())
+                assert (got["container_ip_v4"], got["port_mappings"][0]["host_port"]) == (v4, 18080 + i)
+        assert errors(await e.teardown(batch)) == {}
+    assert_nothing_left(sandbox, [c.netns.path or "" for c in batch])
 
 
 async def test_ports_refusing_to_unquiet_roll_the_batch_back(sandbox: Sandbox, monkeypatch) -> None:

@@ -135,6 +135,28 @@ def test_port_blocks_encode_exactly_like_their_json_rules() -> None:
                                                           if isinstance(block, PortBlock))]
 
 
+def test_port_rules_encoded_ahead_are_the_same_bytes_and_only_serve_their_own_container() -> None:
+    rng = random.Random(5353)
+    ctrs = [_random_container(rng, n) for n in range(200)]
+    prepared = wire.PreparedPorts()
+    for pf in ctrs[:150]:  # the rest were not ready in time: encoded in the commit as usual
+        prepared.add(pf)
+    # a container prepared with other ports, then committed as a new object under the same key
+    stale = ctrs[7]
+    ctrs[7] = PortFw(stale.network, stale.container_id, stale.container_name, stale.ipv4, stale.ipv6,
+                     (PortMapping("", 4242, 80, 1, "tcp"),), stale.dns_port)
+    assert len(prepared) >= 150
+    plan = build_plan(None, setup_networks=[ODD], setup_ports=ctrs)
+    ahead = wire.encode(plan.items, prepared=prepared)
+    now = wire.encode(plan.items)
+    assert ahead.framed() == now.framed(), first_difference(now.framed(), ahead.framed())
+    assert ahead.command_of == now.command_of and ahead.rule_chains == now.rule_chains
+    assert bytes(ahead.kinds) == bytes(now.kinds)
+    block = next(b for b in plan.items if isinstance(b, PortBlock) and b.pf is ctrs[8] and b.chains)
+    assert prepared.bodies(block) is not None
+    assert all(prepared.bodies(b) is None for b in plan.items if isinstance(b, PortBlock) and b.pf is ctrs[7])
+
+
 @pytest.mark.parametrize("cmd", [
     {"add": {"rule": {"family": "inet", "table": "netavark", "chain": "X", "expr": [{"counter": None}]}}},
     {"add": {"rule": {"family": "ip", "table": "netavark", "chain": "X", "expr": [{"accept": None}]}}},

@@ -328,6 +328,14 @@ class PortBlock:
 PlanItem = dict[str, Any] | PortBlock
 
 
+def port_blocks(pf: PortFw) -> list[PortBlock]:
+    """A container's port rules as plan items, one per family (none without ``port_mappings``)."""
+    if pf.port_mappings is None:
+        return []
+    return [PortBlock(pf, cip, _chain_name_cached(pf.network.network_id, cip.network, True))
+            for cip, _v6 in pf.families()]
+
+
 def dns_rule(gateway: IPAddress, dns_port: int) -> list[Any]:
     """§5.1: ``ip daddr GW meta l4proto { tcp, udp } th dport 53 dnat ip to GW:PORT``."""
     return [_ip_match(gateway, "daddr"), _L4_TCP_UDP, _TH_DPORT_53, _dnat(gateway, dns_port)]
@@ -704,12 +712,12 @@ class _Planner:
                 self._add(DNAT_CHAIN, dns_rule(gw, pf.dns_port), insert=True)
         if pf.port_mappings is None:
             return
-        for cip, _v6 in pf.families():
-            name = _chain_name_cached(pf.network.network_id, cip.network, True)
+        for block in port_blocks(pf):
+            cip, name = block.cip, block.dnat_chain
             if name not in self.chains:
                 self._add_chain(name)
             if not skip_existing:
-                self._add_block(PortBlock(pf, cip, name))  # host_ip was validated by build_plan
+                self._add_block(block)  # host_ip was validated by build_plan
                 continue
             rules = port_rules(pf, cip)
             self._owner = pf.key
