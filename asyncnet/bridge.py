@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 
 import anyio
+from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import AsyncnetError, NetlinkOpError, netlink_error_text
 from .netlink import (
@@ -26,8 +27,10 @@ from .netlink import (
     address_message,
     brport_message,
     inet_conf_message,
+    port_names_sync,
     requests_sync,
     route_message,
+    set_group_sync,
 )
 from .netns import run_in_netns
 from .plan import Attachment, bridge_sysctls, container_sysctls, random_mac
@@ -168,6 +171,50 @@ def unquiet_sync(indexes: list[int]) -> None:
     """Host namespace (worker thread): multicast flooding back on for ports :func:`attach_ports_sync`
     made quiet — the kernel default, as netavark leaves its ports."""
     requests_sync([(brport_message(index, mcast_flood=True), "set bridge port flags") for index in indexes])
+
+
+@dataclass
+class Tagged:
+    """What :func:`tag_for_teardown_sync` put into the group, and what it could not."""
+
+    refused: dict[str, int]  # host veths the kernel refused: {name: errno} (ENODEV: no such link)
+    bridges: list[str]  # bridges left with no port outside the group: they go with it
+    bridge_errors: dict[str, AsyncnetError]  # bridges that could not be looked at or tagged
+    gone: list[str]  # bridges that do not exist (any more)
+
+
+def tag_for_teardown_sync(veths: list[str], bridges: list[str], group: int) -> Tagged:
+    """Host namespace (worker thread), under the bridges' exclusive locks: the batch's host ends into link
+    ``group``, then each of ``bridges`` whose every port is in it, so that one delete of the group takes
+    both. Why: a bridge costs the kernel ~20 ms to delete however it is asked (an RCU barrier each, in
+    br_multicast_dev_del), and the host ends a grace period; one unregister for all of them shares the
+    waits, and the caller can commit the firewall teardown — which must know which networks go —
+    while the kernel deletes."""
+    refused = set_group_sync(veths, group)
+    tagged = set(veths).difference(refused)
+    empty: list[str] = []
+    out = Tagged(refused, [], {}, [])
+    for br in bridges:
+        index = ifindex(br)
+        if index is None:
+            out.gone.append(br)
+            continue
+        try:
+            ports = port_names_sync(index)
+        except NetlinkError as exc:
+            out.bridge_errors[br] = NetlinkOpError(f"list bridge ports: {netlink_error_text(exc.code)}",
+                                                   code=exc.code)
+            continue
+        if tagged.issuperset(ports):
+            empty.append(br)
+    for br, code in (set_group_sync(empty, group) if empty else {}).items():
+        if code == errno.ENODEV:
+            out.gone.append(br)
+        else:
+            out.bridge_errors[br] = NetlinkOpError(f"failed to delete bridge: {netlink_error_text(code)}",
+                                                   code=code)
+    out.bridges = [br for br in empty if br not in out.gone and br not in out.bridge_errors]
+    return out
 
 
 def prepare_container_sync(atts: list[Attachment]) -> dict[str, int]:

@@ -9,6 +9,7 @@ sees a half-networked container. One container (the netavark CLI) is simply a ba
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -26,6 +27,7 @@ from .bridge import (
     configure_container_sync,
     create_veths,
     ensure_bridge,
+    tag_for_teardown_sync,
     unquiet_sync,
 )
 from .bridgelock import BridgeLocks
@@ -541,8 +543,9 @@ class Engine:
                 owners[a.host_veth] = i
         contexts = {a.host_veth: f"failed to delete container veth {a.ifname}"
                     for w in works for a in w.attachments}
-        veth_errors: dict[str, AsyncnetError] = {}
-        await self._group_delete(names, errors=veth_errors, contexts=contexts)
+        networks = {a.bridge: a.network for w in works for a in w.attachments}
+        veth_errors, bridge_errors, shared_errors = await self._teardown_links_and_rules(
+            works, names, contexts, networks)
         gone_ns: set[int] = set()
         order = {name: k for k, name in enumerate(names)}
         for name, err in sorted(veth_errors.items(), key=lambda item: order[item[0]]):  # batch order
@@ -551,30 +554,13 @@ class Engine:
                 gone_ns.add(i)  # the namespace took its veths along: nothing left to delete there
                 continue
             errors[i].append(err)
-        # bridges without ports go, and with them the network's firewall rules ("complete teardown")
-        networks = {a.bridge: a.network for w in works for a in w.attachments}
-        complete, bridge_errors = await self._delete_empty_bridges(networks)
         for br, err in bridge_errors.items():
             for i, w in enumerate(works):
                 if any(a.bridge == br for a in w.attachments):
                     errors[i].append(err)
-        ports = [port_fw(w.container.options, a, self.dns_port) for w in works for a in w.attachments
-                 if not a.network.internal]
-        nets = [network_fw(n) for n in complete if not n.internal]
-        entries = [(a.network.name, w.container.options.container_id) for w in works for a in w.attachments
-                   if a.network.dns_enabled]
-        try:
-            if ports or nets:
-                await self.firewall.commit(teardown_ports=ports, teardown_networks=nets)
-        except AsyncnetError as exc:
+        for err in shared_errors:
             for i in errors:
-                errors[i].append(exc)
-        try:
-            if entries and self.dns.installed:
-                await self.dns.commit(remove=entries)
-        except AsyncnetError as exc:
-            for i in errors:
-                errors[i].append(exc)
+                errors[i].append(err)
         release: list[tuple[str, str]] = []
         for i, w in enumerate(works):
             cid = w.container.options.container_id
@@ -685,44 +671,73 @@ class Engine:
             os.close(fd)
         return errors
 
-    async def _delete_empty_bridges(self, networks: dict[str, Network]
-                                    ) -> tuple[list[Network], dict[str, AsyncnetError]]:
-        """The bridges of ``networks`` left without ports go, all in one group delete (one RCU grace
-        period instead of ~45 ms per bridge), under their exclusive locks so that no setup can put a
-        port on one meanwhile. Returns the networks whose bridge is gone, and errors by bridge."""
-        complete: list[Network] = []
-        failed: dict[str, AsyncnetError] = {}
+    async def _teardown_links_and_rules(self, works: list[_Work], names: list[str], contexts: dict[str, str],
+                                        networks: dict[str, Network]
+                                        ) -> tuple[dict[str, AsyncnetError], dict[str, AsyncnetError],
+                                                   list[AsyncnetError]]:
+        """The batch's host ends and the bridges they leave without ports go in one group delete, while
+        the firewall teardown (port rules, and the network rules of those bridges: netavark's "complete
+        teardown") and the DNS removal are committed: the three do not wait for each other. Under the
+        bridges' exclusive locks, so that no setup can put a port on one meanwhile.
+
+        Returns the errors by host veth, by bridge, and those of the shared commits (every container's).
+        """
+        veth_errors: dict[str, AsyncnetError] = {}
+        shared_errors: list[AsyncnetError] = []
         if not networks:
-            return complete, failed
+            return veth_errors, {}, shared_errors
+        group = _fresh_group()
         async with self.locks.hold(networks, exclusive=True):
-            empty: list[str] = []
-            for br, net in networks.items():
-                try:
-                    link = await self.host.get_link(br)
-                    if link is None:
-                        complete.append(net)
-                    elif not await self.host.port_names(link["index"]):
-                        empty.append(br)
-                except AsyncnetError as exc:
-                    failed[br] = exc
-            if not empty:
-                return complete, failed
-            refused: dict[str, AsyncnetError] = {}
-            try:
-                await self._group_delete(empty, errors=refused,
-                                         contexts=dict.fromkeys(empty, "failed to delete bridge"))
-            except NetlinkOpError as exc:  # the group delete itself
-                for br in empty:
-                    failed[br] = NetlinkOpError(f"failed to delete bridge: {netlink_error_text(exc.code)}",
-                                                code=exc.code) if exc.code else exc
-                return complete, failed
-            for br in empty:
-                err = refused.get(br)
-                if err is None or err.code == errno.ENODEV:  # deleted now, or gone already
-                    complete.append(networks[br])
-                else:
-                    failed[br] = err
-        return complete, failed
+            tagged = await run_in_netns(self._host_fd, lambda: tag_for_teardown_sync(names, list(networks), group))
+            for name, code in tagged.refused.items():
+                veth_errors[name] = NetlinkOpError(f"{contexts[name]}: {netlink_error_text(code)}", code=code)
+            bridge_errors = dict(tagged.bridge_errors)
+            complete = [networks[br] for br in (*tagged.gone, *tagged.bridges)]
+            ports = [port_fw(w.container.options, a, self.dns_port) for w in works for a in w.attachments
+                     if not a.network.internal]
+            nets = [network_fw(n) for n in complete if not n.internal]
+            entries = [(a.network.name, w.container.options.container_id) for w in works for a in w.attachments
+                       if a.network.dns_enabled]
+            failures: dict[str, AsyncnetError] = {}
+
+            async def delete() -> None:
+                if len(tagged.refused) < len(names) or tagged.bridges:
+                    try:
+                        await self.host.delete_group(group)
+                    except NetlinkOpError as exc:
+                        failures["links"] = exc
+
+            async def firewall() -> None:
+                if ports or nets:
+                    try:
+                        await self.firewall.commit(teardown_ports=ports, teardown_networks=nets)
+                    except AsyncnetError as exc:
+                        failures["firewall"] = exc
+
+            async def dns() -> None:
+                if entries and self.dns.installed:
+                    try:
+                        await self.dns.commit(remove=entries)
+                    except AsyncnetError as exc:
+                        failures["dns"] = exc
+
+            async with anyio.create_task_group() as tg:
+                for step in (delete, firewall, dns):
+                    tg.start_soon(step)
+            lost = failures.get("links")
+            if lost is not None:
+                # nothing of the group was deleted: its bridges stay, so their networks' rules come back
+                for name in names:
+                    veth_errors.setdefault(name, lost)
+                why = netlink_error_text(lost.code) if lost.code else str(lost)
+                for br in tagged.bridges:
+                    bridge_errors[br] = NetlinkOpError(f"failed to delete bridge: {why}", code=lost.code)
+                kept = [network_fw(networks[br]) for br in tagged.bridges if not networks[br].internal]
+                if kept and "firewall" not in failures:
+                    with contextlib.suppress(AsyncnetError):
+                        await self.firewall.commit(setup_networks=kept)
+        shared_errors += [failures[k] for k in ("firewall", "dns") if k in failures]
+        return veth_errors, bridge_errors, shared_errors
 
     async def _group_delete(self, names: list[str], *, errors: dict[str, AsyncnetError] | None,
                             contexts: dict[str, str] | None = None) -> None:

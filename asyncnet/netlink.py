@@ -9,6 +9,7 @@ error that says what was being done; transient codes are retried with bounded ji
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import socket
 import struct
@@ -168,8 +169,8 @@ class Netlink:
 
     async def port_names(self, bridge_index: int) -> list[str]:
         """Ports of a bridge; IFLA_MASTER in the dump request makes the kernel do the filtering."""
-        return await self.call("list bridge ports", self._in_thread, _RTM_GETLINK, _NLM_F_REQUEST | _NLM_F_DUMP,
-                               [_attr(_IFLA_MASTER, struct.pack("=I", bridge_index))])
+        return await self.call("list bridge ports", run_in_netns, self.netns_fd,
+                               functools.partial(port_names_sync, bridge_index))
 
     # ---- addresses and routes ---------------------------------------------------------------------
 
@@ -247,6 +248,13 @@ def link_request_sync(msg_type: int, flags: int, attrs: list[bytes]) -> list[str
                 if kind == _RTM_NEWLINK:
                     names.append(_ifname(data, off + _NLMSG_HDR + _IFINFO_HDR, off + length))
                 off += (length + 3) & ~3
+
+
+def port_names_sync(bridge_index: int) -> list[str]:
+    """The ports of a bridge (blocking, calling thread's namespace); IFLA_MASTER in the dump request
+    makes the kernel do the filtering."""
+    return link_request_sync(_RTM_GETLINK, _NLM_F_REQUEST | _NLM_F_DUMP,
+                             [_attr(_IFLA_MASTER, struct.pack("=I", bridge_index))])
 
 
 def set_group_sync(names: list[str], group: int, *, chunk: int = 256) -> dict[str, int]:

@@ -455,6 +455,46 @@ async def test_ports_refusing_to_unquiet_roll_the_batch_back(sandbox: Sandbox, m
     assert_nothing_left(sandbox, [c.netns.path or "" for c in batch])
 
 
+async def test_teardown_links_and_rules_go_together(sandbox: Sandbox, monkeypatch) -> None:
+    """Teardown deletes the host ends and the bridges they empty in one group delete while the firewall
+    teardown is committed. A bridge with a port of another batch stays, with its network's rules. If
+    the group delete itself fails (injected: the kernel gives no way to make it fail on cue), every
+    container reports it, and the network rules of the bridges that were to go come back."""
+    from asyncnet.errors import NetlinkOpError
+
+    mapped = [{"host_ip": "", "container_port": 80, "host_port": 18080 + i, "range": 1, "protocol": "tcp"}
+              for i in range(4)]
+    batch = [container(sandbox.netns(f"c{i}"), i, [NET_B if i == 3 else NET_A], port_mappings=[mapped[i]])
+             for i in range(4)]
+    async with engine(sandbox) as e:
+        assert errors(await e.setup(batch)) == {}
+        rules = ruleset(sandbox)
+        assert "nv_a1a1a1a1_10_90_0_0_nm16 " in rules and "nv_b2b2b2b2_10_91_0_0_nm16 " in rules
+
+        async def refuse(group: int) -> None:
+            raise NetlinkOpError("delete veth group: Netlink error: Device or resource busy (os error 16)",
+                                 code=16)
+
+        monkeypatch.setattr(e.host, "delete_group", refuse)
+        down = await e.teardown(batch[2:])  # c2 empties nothing (c0, c1 stay on asn0); c3 empties asn1
+        monkeypatch.undo()
+        assert {r.container_id: str(r.error) for r in down} == {
+            cid(2): "delete veth group: Netlink error: Device or resource busy (os error 16)",
+            cid(3): "netavark encountered multiple errors:"
+                    "\n\t- delete veth group: Netlink error: Device or resource busy (os error 16)"
+                    "\n\t- failed to delete bridge: Netlink error: Device or resource busy (os error 16)"}
+        assert {"asn0", "asn1"} <= set(sandbox.links()) and len(ports(sandbox, "asn0")) == 3
+        rules = ruleset(sandbox)  # port rules went (as when a veth is refused); network rules came back
+        assert "nv_b2b2b2b2_10_91_0_0_nm16 " in rules and "18082" not in rules and "18083" not in rules
+
+        assert errors(await e.teardown(batch[2:])) == {}
+        assert "asn1" not in sandbox.links() and len(ports(sandbox, "asn0")) == 2
+        rules = ruleset(sandbox)
+        assert "nv_b2b2b2b2" not in rules and "nv_a1a1a1a1_10_90_0_0_nm16 " in rules and "18080" in rules
+        assert errors(await e.teardown(batch[:2])) == {}
+    assert_nothing_left(sandbox, [c.netns.path or "" for c in batch])
+
+
 @pytest.mark.parametrize("engines", ["shared", "one each"])
 async def test_same_new_bridge_concurrent_calls(sandbox: Sandbox, engines: str) -> None:
     """20 single-container ``setup`` calls racing for one new bridge in one process (on one Engine, or
