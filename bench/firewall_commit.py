@@ -6,6 +6,9 @@ cost per container that does not grow with the table the way netavark's read-per
 runs in a fresh sandbox "host" namespace (nothing touches the machine's real ruleset) and reports:
 
 * ``commit``: the big batch (state files, table read, plan, render, apply, handle records);
+* ``commit_prepared``: the same batch, in another fresh namespace, as the engine commits it: each
+  container's port rules encoded and its port file rendered beforehand (``prepare``: what the engine
+  spreads over its kernel phase, container by container);
 * ``floor``: the same rendered batch applied by a bare libnftables call in another fresh namespace,
   i.e. what ``nft -f`` costs (parser + kernel);
 * ``kernel``: the same batch as netlink bytes (:mod:`asyncnet.firewall.wire`, encoded beforehand)
@@ -126,6 +129,25 @@ async def timed(fw: NftablesFirewall, **kwargs: Any) -> dict[str, float]:
             "rules_read": st.rules_before, "commands": st.commands}
 
 
+async def prepared_commit(sb: Sandbox, ctrs: list[PortFw], backend: str | None, rootless: bool,
+                          handles: bool, config_base: str | None) -> tuple[dict[str, float], dict[str, float]]:
+    ns = sb.netns(f"prepared{time.monotonic_ns()}")
+    try:
+        with tempfile.TemporaryDirectory(dir=config_base) as config:
+            fw = NftablesFirewall(Netns(ns), Path(config), backend=backend, rootless=rootless,
+                                  record_handles=handles)
+            fw.backend_name  # noqa: B018 - load libnftables before the clock, as an engine has by then
+            t0 = time.perf_counter()
+            prepared = fw.preparer()
+            for pf in ctrs:
+                if prepared is not None:
+                    prepared.add(pf)
+            prepare = {"wall": time.perf_counter() - t0}
+            return prepare, await timed(fw, setup_networks=[NET], setup_ports=ctrs, prepared=prepared)
+    finally:
+        sb.remove_netns(ns)
+
+
 async def one_round(n: int, ports: int, backend: str | None, rootless: bool, dns_port: int,
                     handles: bool, config_base: str | None) -> dict[str, Any]:
     with Sandbox() as sb, tempfile.TemporaryDirectory(dir=config_base) as config:
@@ -135,6 +157,8 @@ async def one_round(n: int, ports: int, backend: str | None, rootless: bool, dns
         out: dict[str, Any] = {"backend": fw.backend_name}
         out["commit"] = await timed(fw, setup_networks=[NET], setup_ports=ctrs)
         out["rules"] = rule_count(sb)
+        out["prepare"], out["commit_prepared"] = await prepared_commit(sb, ctrs, backend, rootless, handles,
+                                                                       config_base)
         plan = build_plan(None, setup_networks=[NET], setup_ports=ctrs)
         out["floor"] = {"wall": floor_ms(sb, render_text(plan.commands).encode())}
         out["kernel"] = {"wall": kernel_ms(sb, wire.encode(plan.items).framed())}
@@ -151,7 +175,8 @@ async def one_round(n: int, ports: int, backend: str | None, rootless: bool, dns
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for op in ("commit", "floor", "kernel", "one_more", "one_less", "one_less_again", "teardown_all"):
+    for op in ("commit", "prepare", "commit_prepared", "floor", "kernel", "one_more", "one_less", "one_less_again",
+               "teardown_all"):
         out[op] = {}
         for key in rounds[0][op]:
             vals = [r[op][key] for r in rounds]
