@@ -304,7 +304,7 @@ class Engine:
                 others = [(w.container.options.container_id, a.network.name) for a in w.attachments
                           if a not in mine]
                 if others:
-                    await anyio.to_thread.run_sync(functools.partial(state.release, others))
+                    await anyio.to_thread.run_sync(functools.partial(state.release, others, report=False))
                 w.owns_state = False  # the addresses belong to the existing attachment
             else:
                 w.owns_state = True
@@ -326,7 +326,7 @@ class Engine:
             if done:
                 state.mark_done(done)
             if failed:
-                state.release(failed)
+                state.release(failed, report=False)
 
         await anyio.to_thread.run_sync(finish)
 
@@ -514,7 +514,9 @@ class Engine:
         journal: dict[tuple[str, str], JournalRow] = {}
         if self.state is not None:
             state = self.state
-            journal = {r.key: r for r in await anyio.to_thread.run_sync(state.list_attachments)}
+            ids = [w.container.options.container_id for w in works]
+            journal = {r.key: r for r in await anyio.to_thread.run_sync(
+                lambda: state.list_attachments(container_ids=ids))}
         for i, w in enumerate(works):
             try:
                 w.attachments = plan_container(w.container.options, _known_addresses(w.container.options, journal))
@@ -579,7 +581,7 @@ class Engine:
                 progress(w.result)
         if release and self.state is not None:
             state = self.state
-            await anyio.to_thread.run_sync(lambda: state.release(release))
+            await anyio.to_thread.run_sync(lambda: state.release(release, report=False))
         return [w.result for w in works]
 
     # ------------------------------------------------------------------------------------------------

@@ -474,8 +474,20 @@ class State:
 
     def mark_removing(self, attachments: Sequence[Attachment]) -> None:
         """Teardown starts (call before touching the kernel): phase ``removing``, owned by this process,
-        so that ``gc`` finishes it if this process dies. Same rules as :meth:`mark_done`."""
-        self._rewrite(attachments, "removing")
+        so that ``gc`` finishes it if this process dies. Same rules as :meth:`mark_done`; only the phase,
+        owner and time change, so it is one statement for the whole batch."""
+        keys = list(dict.fromkeys(a.key for a in attachments))
+        with self._write() as db:
+            changed = db.execute(
+                "UPDATE attachments SET phase = 'removing', owner = ?, updated = ? WHERE (container_id, network) "
+                "IN (SELECT value ->> 0, value ->> 1 FROM json_each(?))",
+                (current_owner(), time.time(), orjson.dumps(keys).decode())).rowcount
+            if changed != len(keys):
+                known = {(r[0], r[1]) for r in db.execute(
+                    "SELECT container_id, network FROM attachments WHERE container_id IN "
+                    "(SELECT value FROM json_each(?))", (orjson.dumps([k[0] for k in keys]).decode(),))}
+                names = ", ".join(f"{c} on {n}" for c, n in keys if (c, n) not in known)
+                raise StateError(f"state database {self.path}: no journal entry for {names}")
 
     def _rewrite(self, attachments: Sequence[Attachment], phase: Phase) -> None:
         owner, now = current_owner(), time.time()
@@ -493,25 +505,39 @@ class State:
                 names = ", ".join(f"{c} on {n}" for c, n in missing)
                 raise StateError(f"state database {self.path}: no journal entry for {names}")
 
-    def release(self, keys: Iterable[tuple[str, str]]) -> Released:
+    def release(self, keys: Iterable[tuple[str, str]], *, report: bool = True) -> Released:
         """Forget (container id, network name) pairs: their journal rows and their addresses, in one
         transaction. Call after the kernel objects are gone (or were never made). Unknown keys are
-        ignored (tearing down twice is not an error); returns what was deleted."""
+        ignored (tearing down twice is not an error); returns what was deleted, or nothing with
+        ``report=False`` (a teardown does not look: parsing 1000 rows back cost two thirds of the call).
+
+        The keys go into a temporary table and each table loses its rows in one statement."""
         released = Released()
         with self._write() as db:
-            for key in keys:
-                rows = db.execute("DELETE FROM attachments WHERE container_id = ? AND network = ? "
-                                  f"RETURNING {', '.join(_ATT_COLUMNS)}", key).fetchall()
-                released.attachments.extend(_attachment(r) for r in rows)
-                rows = db.execute("DELETE FROM allocations WHERE container_id = ? AND network = ? "
-                                  f"RETURNING {', '.join(_ALLOC_COLUMNS)}", key).fetchall()
-                released.allocations.extend(_allocation(r) for r in rows)
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS released (container_id TEXT NOT NULL, network TEXT NOT NULL)")
+            db.execute("DELETE FROM temp.released")
+            db.executemany("INSERT INTO temp.released VALUES (?, ?)", keys)
+            match = "WHERE (container_id, network) IN (SELECT container_id, network FROM temp.released)"
+            if report:
+                rows = db.execute(f"DELETE FROM attachments {match} RETURNING {', '.join(_ATT_COLUMNS)}")
+                released.attachments.extend(_attachment(r) for r in rows.fetchall())
+                rows = db.execute(f"DELETE FROM allocations {match} RETURNING {', '.join(_ALLOC_COLUMNS)}")
+                released.allocations.extend(_allocation(r) for r in rows.fetchall())
+            else:
+                db.execute(f"DELETE FROM attachments {match}")
+                db.execute(f"DELETE FROM allocations {match}")
+            db.execute("DELETE FROM temp.released")
         return released
 
     def list_attachments(self, *, container_id: str | None = None, network: str | None = None,
-                         phase: Phase | None = None) -> list[Attachment]:
-        """Journal rows, optionally filtered, ordered by container and network."""
+                         phase: Phase | None = None, container_ids: Iterable[str] | None = None
+                         ) -> list[Attachment]:
+        """Journal rows, optionally filtered, ordered by container and network. ``container_ids``: only
+        these containers' rows (a teardown of a few containers must not read every container's)."""
         where, args = _where(container_id=container_id, network=network, phase=phase)
+        if container_ids is not None:
+            where += (" AND" if where else " WHERE") + " container_id IN (SELECT value FROM json_each(?))"
+            args.append(orjson.dumps(list(container_ids)).decode())
         with self._read() as db:
             rows = db.execute(_ATT_SELECT + where + " ORDER BY container_id, network", args)
             return [_attachment(r) for r in rows]

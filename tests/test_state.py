@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from asyncnet.errors import IpamError, StateError
-from asyncnet.state import DB_NAME, SCHEMA_VERSION, Attachment, State, current_owner, owner_alive
+from asyncnet.state import DB_NAME, SCHEMA_VERSION, Attachment, Released, State, current_owner, owner_alive
 from asyncnet.types import NetworkOptions, parse_network_options
 
 NET = {"name": "net1", "id": "f" * 64, "driver": "bridge", "network_interface": "podman1",
@@ -189,6 +189,9 @@ def test_journal_lifecycle(state: State) -> None:
     assert state.release([("a", "net1")]).attachments == []  # twice is fine
     assert [x.container_id for x in state.list_attachments()] == ["b"]
     assert addresses(state) == ["10.89.0.3"]
+    # the same without reading the rows back (what a teardown asks for)
+    assert state.release([("b", "net1"), ("nope", "net1")], report=False) == Released()
+    assert state.list_attachments() == [] and addresses(state) == []
 
 
 def test_mark_done_without_intent_changes_nothing(state: State) -> None:
@@ -197,6 +200,21 @@ def test_mark_done_without_intent_changes_nothing(state: State) -> None:
     with pytest.raises(StateError, match="no journal entry for b on net1"):
         state.mark_done([attachment("a", res["a"]), attachment("b", res["b"])])
     assert state.list_attachments()[0].phase == "intent"
+    with pytest.raises(StateError, match="no journal entry for b on net1"):
+        state.mark_removing([attachment("a", res["a"]), attachment("b", res["b"])])
+    assert state.list_attachments()[0].phase == "intent"
+
+
+def test_list_and_mark_removing_by_container(state: State) -> None:
+    res = state.allocate([opts(c) for c in "abc"])
+    state.record_intents([attachment(c, res[c]) for c in "abc"])
+    got = state.list_attachments(container_ids=["c", "a", "zz"])
+    assert [a.container_id for a in got] == ["a", "c"]
+    assert state.list_attachments(container_ids=[]) == []
+    assert [a.container_id for a in state.list_attachments(container_ids=["b"], phase="intent")] == ["b"]
+    state.mark_removing(got)
+    assert [(a.container_id, a.phase) for a in state.list_attachments()] == [
+        ("a", "removing"), ("b", "intent"), ("c", "removing")]
 
 
 def test_status_is_json(state: State) -> None:
