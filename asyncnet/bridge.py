@@ -27,7 +27,7 @@ from .netlink import (
     address_message,
     brport_message,
     inet_conf_message,
-    port_names_sync,
+    link_table_sync,
     requests_sync,
     route_message,
     set_group_sync,
@@ -110,9 +110,10 @@ async def _vrf_index(host: Netlink, vrf: str) -> int:
 
 
 async def create_veths(host: Netlink, ctr_fd: int, atts: list[Attachment], bridges: dict[str, BridgeHandle],
-                       *, created: list[str]) -> None:
+                       *, created: list[str], group: int = 0) -> None:
     """One request per network: the veth with its peer created directly in the container, host end up
-    (without carrier until the container end comes up, so no traffic yet: see :func:`attach_ports_sync`).
+    (without carrier until the container end comes up, so no traffic yet: see :func:`attach_ports_sync`)
+    and in the batch's link ``group`` (see :func:`tag_for_teardown_sync`).
 
     Names go into ``created`` before the request, so a rollback also covers a request whose answer was
     lost to a cancellation.
@@ -122,7 +123,7 @@ async def create_veths(host: Netlink, ctr_fd: int, atts: list[Attachment], bridg
         try:
             await host.create_veth(att.host_veth, bridge_index=bridges[att.bridge].index,
                                    mtu=att.network.bridge.mtu, peer_name=att.ifname, peer_netns_fd=ctr_fd,
-                                   peer_mac=att.mac)
+                                   peer_mac=att.mac, group=group)
         except NetlinkOpError as exc:
             if exc.code != errno.EEXIST:
                 raise
@@ -175,37 +176,52 @@ def unquiet_sync(indexes: list[int]) -> None:
 
 @dataclass
 class Tagged:
-    """What :func:`tag_for_teardown_sync` put into the group, and what it could not."""
+    """What :func:`tag_for_teardown_sync` put into ``group``, and what it could not."""
 
+    group: int  # the link group to delete
     refused: dict[str, int]  # host veths the kernel refused: {name: errno} (ENODEV: no such link)
     bridges: list[str]  # bridges left with no port outside the group: they go with it
-    bridge_errors: dict[str, AsyncnetError]  # bridges that could not be looked at or tagged
+    bridge_errors: dict[str, AsyncnetError]  # bridges that could not be tagged
     gone: list[str]  # bridges that do not exist (any more)
 
 
-def tag_for_teardown_sync(veths: list[str], bridges: list[str], group: int) -> Tagged:
-    """Host namespace (worker thread), under the bridges' exclusive locks: the batch's host ends into link
-    ``group``, then each of ``bridges`` whose every port is in it, so that one delete of the group takes
-    both. Why: a bridge costs the kernel ~20 ms to delete however it is asked (an RCU barrier each, in
-    br_multicast_dev_del), and the host ends a grace period; one unregister for all of them shares the
-    waits, and the caller can commit the firewall teardown — which must know which networks go —
-    while the kernel deletes."""
-    refused = set_group_sync(veths, group)
+def tag_for_teardown_sync(veths: list[str], bridges: list[str], fresh_group: int) -> Tagged:
+    """Host namespace (worker thread), under the bridges' exclusive locks: gather the batch's host ends
+    and the bridges they leave without ports into one link group, so that one delete takes them all.
+
+    Setup creates a batch's host ends in a link group of the batch's own; when the teardown batch is
+    exactly what remains of one such group, that group is deleted as it is. Otherwise the host ends are
+    moved into ``fresh_group`` first — and every such move is a link change, after which the kernel walks
+    the whole IPv6 routing table (rt6_sync_up), which holds routes of every host veth: 1000 moves cost
+    100-200 ms at 1000 containers, the one delete ~600. Bridges are moved in either way: a bridge costs
+    the kernel ~20 ms to delete however it is asked (an rcu_barrier in br_multicast_dev_del), and the
+    host ends a grace period; one unregister for all of them shares the waits, and the caller can commit
+    the firewall teardown (which must know which networks go) while the kernel deletes.
+    """
+    try:
+        table = link_table_sync()
+    except NetlinkError as exc:
+        raise NetlinkOpError(f"list links: {netlink_error_text(exc.code)}", code=exc.code) from None
+    by_name = {row.name: row for row in table}
+    present = [v for v in veths if v in by_name]
+    refused = {v: errno.ENODEV for v in veths if v not in by_name}
+    group = fresh_group
+    groups = {by_name[v].group for v in present}
+    if len(groups) == 1:
+        (made_in,) = groups
+        members = {row.name for row in table if row.group == made_in}
+        if made_in and members.issubset(present):
+            group = made_in
+    if group == fresh_group and present:
+        refused.update(set_group_sync(present, group))
     tagged = set(veths).difference(refused)
     empty: list[str] = []
-    out = Tagged(refused, [], {}, [])
+    out = Tagged(group, refused, [], {}, [])
     for br in bridges:
-        index = ifindex(br)
-        if index is None:
+        row = by_name.get(br)
+        if row is None:
             out.gone.append(br)
-            continue
-        try:
-            ports = port_names_sync(index)
-        except NetlinkError as exc:
-            out.bridge_errors[br] = NetlinkOpError(f"list bridge ports: {netlink_error_text(exc.code)}",
-                                                   code=exc.code)
-            continue
-        if tagged.issuperset(ports):
+        elif tagged.issuperset(r.name for r in table if r.master == row.index):
             empty.append(br)
     for br, code in (set_group_sync(empty, group) if empty else {}).items():
         if code == errno.ENODEV:

@@ -114,6 +114,9 @@ class _Shared:
     firewall_committed: bool = False
     dns: list[tuple[str, str]] = field(default_factory=list)
     prepared: Prepared | None = None  # the firewall's share of the commit, done container by container
+    #: the link group of the batch's host ends: a teardown of the same batch deletes it without moving
+    #: them into a group first (bridge.tag_for_teardown_sync)
+    group: int = field(default_factory=lambda: _fresh_group())
 
 
 class Engine:
@@ -199,7 +202,7 @@ class Engine:
             # a shared step failed or we were cancelled: nothing of this batch may stay half-made
             with anyio.CancelScope(shield=True):
                 await self._undo_shared(shared, bridges)
-                await self._rollback([w for w in live if w.created_veths])
+                await self._rollback([w for w in live if w.created_veths], shared.group)
             reason = exc if isinstance(exc, AsyncnetError) else AsyncnetError("setup cancelled; rolled back")
             for w in live:
                 if w.result.ok:
@@ -369,7 +372,7 @@ class Engine:
                 if err is not None:
                     w.result.error = err
                 else:
-                    await self._setup_container(w, bridges, quiet=quiet)
+                    await self._setup_container(w, bridges, quiet=quiet, group=shared.group)
                     if w.result.ok:
                         self._ports_ready(w, shared.prepared)
             if progress is not None:
@@ -384,7 +387,8 @@ class Engine:
             await run_in_netns(self._host_fd, lambda: write_sysctls_sync(v6_host))
         return quiet
 
-    async def _setup_container(self, w: _Work, bridges: dict[str, BridgeHandle], *, quiet: bool) -> None:
+    async def _setup_container(self, w: _Work, bridges: dict[str, BridgeHandle], *, quiet: bool,
+                               group: int) -> None:
         assert w.fd is not None
         fd, host_fd = w.fd, self._host_fd
         hairpin = bool(w.container.options.port_mappings)
@@ -397,7 +401,7 @@ class Engine:
             run_in_netns_sync(fd, lambda: configure_container_sync(w.attachments))
 
         try:
-            await create_veths(self.host, fd, w.attachments, bridges, created=w.created_veths)
+            await create_veths(self.host, fd, w.attachments, bridges, created=w.created_veths, group=group)
             await anyio.to_thread.run_sync(ports_then_container)
         except AsyncnetError as exc:
             w.result.error = exc
@@ -431,9 +435,18 @@ class Engine:
                     raise
         w.created_veths.clear()
 
-    async def _rollback(self, works: list[_Work]) -> None:
+    async def _rollback(self, works: list[_Work], group: int) -> None:
+        """The whole batch goes: its host ends were all created in ``group`` (those of containers that
+        failed alone are gone already), so the group goes in one request, no link moved. Any name of ours
+        still there after it (there should be none) is moved into a group of its own and deleted."""
         names = [n for w in works for n in w.created_veths]
-        await self._group_delete(names, errors=None)
+        if names:
+            try:
+                await self.host.delete_group(group)
+            except NetlinkOpError as exc:
+                if exc.code != errno.ENODEV:  # ENODEV: nothing in the group
+                    raise
+            await self._group_delete(names, errors=None)
         for w in works:
             w.created_veths.clear()
 
@@ -688,9 +701,14 @@ class Engine:
         shared_errors: list[AsyncnetError] = []
         if not networks:
             return veth_errors, {}, shared_errors
-        group = _fresh_group()
+        fresh = _fresh_group()
         async with self.locks.hold(networks, exclusive=True):
-            tagged = await run_in_netns(self._host_fd, lambda: tag_for_teardown_sync(names, list(networks), group))
+            try:
+                tagged = await run_in_netns(self._host_fd,
+                                            lambda: tag_for_teardown_sync(names, list(networks), fresh))
+            except AsyncnetError as exc:  # nothing was changed: every attachment stays, and says why
+                return dict.fromkeys(names, exc), {}, shared_errors
+            group = tagged.group
             for name, code in tagged.refused.items():
                 veth_errors[name] = NetlinkOpError(f"{contexts[name]}: {netlink_error_text(code)}", code=code)
             bridge_errors = dict(tagged.bridge_errors)

@@ -15,6 +15,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
@@ -132,13 +133,15 @@ class Netlink:
         await self.call("create bridge", self.ipr.link, "add", **kwargs)
 
     async def create_veth(self, host_name: str, *, bridge_index: int, mtu: int, peer_name: str,
-                          peer_netns_fd: int, peer_mac: str) -> None:
-        """Both ends in one request; the host end comes up at creation (ifi_flags in the same message).
-        Bridge port flags (hairpin) cannot ride along (the kernel ignores slave data on creation): see
-        :func:`brport_message`."""
+                          peer_netns_fd: int, peer_mac: str, group: int = 0) -> None:
+        """Both ends in one request; the host end comes up at creation (ifi_flags in the same message),
+        in link ``group``. Bridge port flags (hairpin) cannot ride along (the kernel ignores slave data
+        on creation): see :func:`brport_message`."""
         peer: dict[str, Any] = {"ifname": peer_name, "net_ns_fd": peer_netns_fd, "address": peer_mac}
         kwargs: dict[str, Any] = {"ifname": host_name, "kind": "veth", "master": bridge_index,
                                   "flags": IFF_UP, "change": IFF_UP, "peer": peer}
+        if group:
+            kwargs["group"] = group
         if mtu:
             kwargs["mtu"] = mtu
             peer["mtu"] = mtu
@@ -224,13 +227,32 @@ def _ifinfomsg(index: int = 0, family: int = socket.AF_UNSPEC) -> bytes:
     return struct.pack("=BxHiII", family, 0, index, 0, 0)
 
 
+@dataclass(frozen=True)
+class LinkRow:
+    """What teardown needs to know about a link: no stats, no pyroute2 objects."""
+
+    index: int
+    name: str
+    group: int
+    master: int  # 0: not enslaved
+
+
 def link_request_sync(msg_type: int, flags: int, attrs: list[bytes]) -> list[str]:
     """One rtnetlink link request (ifinfomsg + ``attrs``) on a fresh socket in the calling thread's
     namespace; blocking, for worker threads. Returns the names of the links a dump answered with (only
     IFLA_IFNAME is read); raises ``NetlinkError`` for an error answer."""
+    return [row.name for row in _link_rows_sync(msg_type, flags, attrs)]
+
+
+def link_table_sync() -> list[LinkRow]:
+    """Every link of the calling thread's namespace (blocking): one dump, parsing four fields."""
+    return _link_rows_sync(_RTM_GETLINK, _NLM_F_REQUEST | _NLM_F_DUMP, [])
+
+
+def _link_rows_sync(msg_type: int, flags: int, attrs: list[bytes]) -> list[LinkRow]:
     body = _ifinfomsg() + b"".join(attrs)
     request = struct.pack("=IHHII", _NLMSG_HDR + len(body), msg_type, flags, 1, 0) + body
-    names: list[str] = []
+    rows: list[LinkRow] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE) as sock:
         sock.send(request)
         while True:
@@ -244,9 +266,9 @@ def link_request_sync(msg_type: int, flags: int, attrs: list[bytes]) -> list[str
                     code = -struct.unpack_from("=i", data, off + _NLMSG_HDR)[0] if length >= 20 else 0
                     if code > 0:
                         raise NetlinkError(code)
-                    return names
+                    return rows
                 if kind == _RTM_NEWLINK:
-                    names.append(_ifname(data, off + _NLMSG_HDR + _IFINFO_HDR, off + length))
+                    rows.append(_link_row(data, off + _NLMSG_HDR, off + length))
                 off += (length + 3) & ~3
 
 
@@ -302,15 +324,23 @@ def set_group_sync(names: list[str], group: int, *, chunk: int = 256) -> dict[st
     return failed
 
 
-def _ifname(data: bytes, off: int, end: int) -> str:
+def _link_row(data: bytes, off: int, end: int) -> LinkRow:
+    index = struct.unpack_from("=i", data, off + 4)[0]
+    name, group, master = "", 0, 0
+    off += _IFINFO_HDR
     while off + 4 <= end:
         length, kind = struct.unpack_from("=HH", data, off)
         if length < 4:
             break
-        if kind & 0x3FFF == _IFLA_IFNAME:
-            return data[off + 4:off + length].split(b"\0", 1)[0].decode()
+        kind &= 0x3FFF
+        if kind == _IFLA_IFNAME:
+            name = data[off + 4:off + length].split(b"\0", 1)[0].decode()
+        elif kind == _IFLA_GROUP:
+            group = struct.unpack_from("=I", data, off + 4)[0]
+        elif kind == _IFLA_MASTER:
+            master = struct.unpack_from("=I", data, off + 4)[0]
         off += (length + 3) & ~3
-    return ""
+    return LinkRow(index, name, group, master)
 
 
 # ---- per-container requests, hand-packed, for the worker thread that is already in the namespace ----

@@ -495,6 +495,57 @@ async def test_teardown_links_and_rules_go_together(sandbox: Sandbox, monkeypatc
     assert_nothing_left(sandbox, [c.netns.path or "" for c in batch])
 
 
+async def test_teardown_of_a_whole_setup_batch_moves_no_link(sandbox: Sandbox, monkeypatch) -> None:
+    """A batch's host ends are created in a link group of the batch's own. Tearing down part of it moves
+    that part into a fresh group (the rest stays where it is); tearing down all that remains deletes the
+    batch's group as it is: no link is moved (each move makes the kernel walk the IPv6 routing table).
+    A link of someone else's that turns up in the group keeps the group from being deleted wholesale."""
+    import asyncnet.bridge as bridge_mod
+
+    moved: list[list[str]] = []
+    real = bridge_mod.set_group_sync
+
+    def spy(names: list[str], group: int, **kw: Any) -> dict[str, int]:
+        moved.append(list(names))
+        return real(names, group, **kw)
+
+    monkeypatch.setattr(bridge_mod, "set_group_sync", spy)
+
+    def group_of(name: str) -> int:
+        return int(link(sandbox, name)["group"]) if link(sandbox, name)["group"] != "default" else 0
+
+    batch = [container(sandbox.netns(f"c{i}"), i, [NET_A, NET_B] if i < 2 else [NET_A]) for i in range(5)]
+    veths = {c.options.container_id: [host_veth_name(c.options.container_id, nid)
+                                      for nid in ([ID_A, ID_B] if i < 2 else [ID_A])] for i, c in enumerate(batch)}
+    async with engine(sandbox) as e:
+        assert errors(await e.setup(batch)) == {}
+        groups = {group_of(v) for vs in veths.values() for v in vs}
+        assert len(groups) == 1 and groups != {0}
+        [made_in] = groups
+
+        assert errors(await e.teardown(batch[:1])) == {}  # part of the batch: moved, the rest stays
+        assert moved == [veths[cid(0)]]
+        assert all(group_of(v) == made_in for c in batch[1:] for v in veths[c.options.container_id])
+
+        moved.clear()  # all that remains of the batch: the batch's group goes as it is, asn1 with it
+        assert errors(await e.teardown(batch[1:])) == {}
+        assert moved == [["asn0", "asn1"]] and not (set(sandbox.links()) & {"asn0", "asn1"})
+
+        # someone else's link in a batch's group: that group is not deleted wholesale
+        other = [container(sandbox.netns(f"d{i}"), 10 + i, [NET_C]) for i in range(2)]
+        assert errors(await e.setup(other)) == {}
+        mine = host_veth_name(other[0].options.container_id, ID_C)
+        sandbox.run(["ip", "link", "add", "foreign0", "group", str(group_of(mine)), "type", "veth",
+                     "peer", "name", "foreign1"])
+        moved.clear()
+        assert errors(await e.teardown(other)) == {}
+        assert len(moved) == 2 and sorted(moved[0]) == sorted(host_veth_name(c.options.container_id, ID_C)
+                                                                 for c in other)
+        assert "foreign0" in sandbox.links() and "foreign1" in sandbox.links()
+        sandbox.run(["ip", "link", "del", "foreign0"])
+    assert_nothing_left(sandbox, [c.netns.path or "" for c in [*batch, *other]])
+
+
 @pytest.mark.parametrize("engines", ["shared", "one each"])
 async def test_same_new_bridge_concurrent_calls(sandbox: Sandbox, engines: str) -> None:
     """20 single-container ``setup`` calls racing for one new bridge in one process (on one Engine, or
