@@ -491,17 +491,17 @@ class State:
 
     def _rewrite(self, attachments: Sequence[Attachment], phase: Phase) -> None:
         owner, now = current_owner(), time.time()
+        keep = [i for i, c in enumerate(_ATT_COLUMNS) if i >= 2 and c != "created"]
+        sets = ", ".join(f"{_ATT_COLUMNS[i]} = ?" for i in keep)
+        rows = []
+        for att in attachments:
+            row = _row(att, phase, owner, 0.0, now)
+            rows.append([*(row[i] for i in keep), *att.key])
         with self._write() as db:
-            missing = []
-            for att in attachments:
-                row = _row(att, phase, owner, 0.0, now)
-                sets = ", ".join(f"{c} = ?" for c in _ATT_COLUMNS[2:] if c != "created")
-                values = [v for c, v in list(zip(_ATT_COLUMNS, row, strict=True))[2:] if c != "created"]
-                cur = db.execute(f"UPDATE attachments SET {sets} WHERE container_id = ? AND network = ?",
-                                 [*values, *att.key])
-                if cur.rowcount == 0:
-                    missing.append(att.key)
-            if missing:
+            cur = db.executemany(f"UPDATE attachments SET {sets} WHERE container_id = ? AND network = ?", rows)
+            if cur.rowcount != len(rows):
+                missing = [a.key for a in attachments if db.execute(
+                    "SELECT 1 FROM attachments WHERE container_id = ? AND network = ?", a.key).fetchone() is None]
                 names = ", ".join(f"{c} on {n}" for c, n in missing)
                 raise StateError(f"state database {self.path}: no journal entry for {names}")
 
