@@ -102,7 +102,7 @@ class _Work:
     host_indexes: dict[str, int] = field(default_factory=dict)  # host veth name -> ifindex, once made
     fd: int | None = None
     owns_state: bool = False  # allocations or journal rows of this batch that a failure must release
-    ports: list[PortFw] | None = None  # its port rules' input, once its kernel work is done
+    ports: list[PortFw] = field(default_factory=list)  # its port rules' input, once its kernel work is done
 
 
 @dataclass
@@ -482,9 +482,7 @@ class Engine:
                 nets.setdefault(a.network.id, network_fw(a.network))
                 if opts.port_mappings is not None:
                     localnet.add(a.bridge)
-            if w.ports is None:
-                self._ports_ready(w, None)
-            shared.ports.extend(w.ports or ())
+            shared.ports.extend(w.ports)
         if nets:
             shared.networks = list(nets.values())
             await self.firewall.commit(setup_networks=shared.networks, setup_ports=shared.ports,

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import orjson
 
@@ -483,11 +483,7 @@ class State:
                 "IN (SELECT value ->> 0, value ->> 1 FROM json_each(?))",
                 (current_owner(), time.time(), orjson.dumps(keys).decode())).rowcount
             if changed != len(keys):
-                known = {(r[0], r[1]) for r in db.execute(
-                    "SELECT container_id, network FROM attachments WHERE container_id IN "
-                    "(SELECT value FROM json_each(?))", (orjson.dumps([k[0] for k in keys]).decode(),))}
-                names = ", ".join(f"{c} on {n}" for c, n in keys if (c, n) not in known)
-                raise StateError(f"state database {self.path}: no journal entry for {names}")
+                self._no_entry(db, keys)
 
     def _rewrite(self, attachments: Sequence[Attachment], phase: Phase) -> None:
         owner, now = current_owner(), time.time()
@@ -500,10 +496,15 @@ class State:
         with self._write() as db:
             cur = db.executemany(f"UPDATE attachments SET {sets} WHERE container_id = ? AND network = ?", rows)
             if cur.rowcount != len(rows):
-                missing = [a.key for a in attachments if db.execute(
-                    "SELECT 1 FROM attachments WHERE container_id = ? AND network = ?", a.key).fetchone() is None]
-                names = ", ".join(f"{c} on {n}" for c, n in missing)
-                raise StateError(f"state database {self.path}: no journal entry for {names}")
+                self._no_entry(db, [a.key for a in attachments])
+
+    def _no_entry(self, db: sqlite3.Connection, keys: Sequence[tuple[str, str]]) -> NoReturn:
+        """An update found fewer rows than it was given: name the keys the journal does not have."""
+        known = {(r[0], r[1]) for r in db.execute(
+            "SELECT container_id, network FROM attachments WHERE container_id IN (SELECT value FROM json_each(?))",
+            (orjson.dumps([k[0] for k in keys]).decode(),))}
+        names = ", ".join(f"{c} on {n}" for c, n in dict.fromkeys(keys) if (c, n) not in known)
+        raise StateError(f"state database {self.path}: no journal entry for {names}")
 
     def release(self, keys: Iterable[tuple[str, str]], *, report: bool = True) -> Released:
         """Forget (container id, network name) pairs: their journal rows and their addresses, in one

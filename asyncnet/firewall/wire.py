@@ -328,9 +328,8 @@ class _Encoder:
         """One NEWRULE message (its callers do the batch's per-message bookkeeping)."""
         seq = self.seq
         self.seq = seq + 1
-        self.batch.messages.append(b"".join((
-            _hdr(24 + len(table) + len(chain) + len(exprs), _NEWRULE_TYPE, flags, seq, 0),
-            b"\x01\0\0\0", table, chain, _attr_hdr(4 + len(exprs), 4 | NLA_F_NESTED), exprs)))
+        body = _rule_body(_rule_head(table, chain), exprs)
+        self.batch.messages.append(_hdr(16 + len(body), _NEWRULE_TYPE, flags, seq, 0) + body)
 
     def _memo(self, key: Any, make: Any) -> Any:
         out = self.block_memo.get(key)
@@ -368,9 +367,8 @@ class _Encoder:
         dep_fam = _DEP_NFPROTO[fam]
         memo = self._memo
         mine = block.dnat_chain
-        head = b"\x01\0\0\0" + self.table_attr
-        mine_head = head + self._name(2, mine)
-        dnat_head_attr = head + self._name(2, DNAT_CHAIN)
+        mine_head = _rule_head(self.table_attr, self._name(2, mine))
+        dnat_head_attr = _rule_head(self.table_attr, self._name(2, DNAT_CHAIN))
         jump_mine = memo(("jump", mine), lambda: _verdict(NFT_JUMP, _text(mine)))
         jump_setmark = memo(("jump", SETMARK_CHAIN), lambda: _verdict(NFT_JUMP, SETMARK_CHAIN))
         subnet = cip.network
@@ -381,8 +379,8 @@ class _Encoder:
             {"protocol": "ip", "field": "saddr"}, "127.0.0.1", "==")[2])
         out: list[bytes] = []
 
-        def emit(chain_head: bytes, exprs: bytes) -> None:
-            out.append(chain_head + _attr_hdr(4 + len(exprs), 4 | NLA_F_NESTED) + exprs)
+        def emit(head: bytes, exprs: bytes) -> None:
+            out.append(_rule_body(head, exprs))
 
         template = _DNAT[fam]
         dnat_head = template[0] + cip.ip.packed + template[1]
@@ -631,6 +629,16 @@ def _address(v: Any, version: int) -> bytes:
         return socket.inet_pton(socket.AF_INET if version == 4 else socket.AF_INET6, v)
     except (OSError, TypeError):
         raise Unencodable(f"not an IPv{version} address: {v!r}") from None
+
+
+def _rule_head(table: bytes, chain: bytes) -> bytes:
+    """A NEWRULE message's start after its netlink header: nfgenmsg (inet), table and chain."""
+    return b"\x01\0\0\0" + table + chain
+
+
+def _rule_body(head: bytes, exprs: bytes) -> bytes:
+    """A NEWRULE message after its netlink header (the header carries the batch's sequence number)."""
+    return head + _attr_hdr(4 + len(exprs), 4 | NLA_F_NESTED) + exprs
 
 
 class PreparedPorts:
